@@ -1,0 +1,324 @@
+"""The interfaces plugins implement, and the plain data passed between them.
+
+Read top to bottom this is the data flow of one rollout (DESIGN §3):
+
+    Task.problems -> Problem
+    Task.student_messages -> Student.encode_messages -> prompt ids
+    RolloutSampler.sample -> generated ids ; Task.verify -> reward
+    Student.node_logits           -> z(u_t)            [T, V]
+    Teacher.node_logprobs         -> log p_T(.|u'_t)   [T, V]
+    GradientEstimator.estimate    -> a*(u_t) on the targeted nodes (sparse)
+    Objective.vector              -> b(u_t)            [T, V]
+    alignment                     -> cos(a*, b) per token / question / teacher
+
+Every tensor is on CPU in float32 unless said otherwise. "Node t" is the
+question plus the first t generated tokens, t = 0 … T-1: the state in which the
+student chose generated token t.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+# ----------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question of a task.
+
+    id:        stable identifier inside the task (used in records and for seeds)
+    question:  the text shown to the student
+    answer:    the gold final answer, as text
+    solution:  a worked reference solution ending in the answer (privileged context)
+    meta:      anything else the task wants to keep (level, subject, …)
+    """
+
+    id: str
+    question: str
+    answer: str
+    solution: str
+    meta: dict = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A verifiable task: problems, the student prompt, and the verifier."""
+
+    name: str = ""
+    version: str = "0"
+    description: str = ""
+
+    @abstractmethod
+    def problems(self, count: int, seed: int) -> list[Problem]:
+        """The first `count` problems of this task for `seed` (deterministic)."""
+
+    @abstractmethod
+    def student_messages(self, problem: Problem) -> list[dict]:
+        """Chat messages ending with the user's turn that asks `problem`."""
+
+    @abstractmethod
+    def verify(self, problem: Problem, completion: str) -> bool:
+        """True when the student's completion text answers `problem` correctly.
+
+        Must never raise on garbled text: garbage is simply wrong."""
+
+    def wrong_answer(self, problem: Problem, rng: random.Random) -> str:
+        """A plausible but wrong final answer (for the `wrong_answer` control)."""
+        try:
+            value = int(str(problem.answer).strip())
+            return str(value + rng.choice([-3, -2, -1, 1, 2, 3]))
+        except ValueError:
+            return "0" if str(problem.answer).strip() != "0" else "1"
+
+    def answer_statement(self, answer: str) -> str:
+        """How a final answer is stated in this task's solutions."""
+        return f"The answer is {answer}."
+
+
+# ----------------------------------------------------------------------------
+# Causal language models (students and model teachers)
+
+
+class CausalLM(ABC):
+    """A causal LM with its tokenizer: what students and model teachers share."""
+
+    name: str = ""
+    model: torch.nn.Module
+    tokenizer: Any
+
+    @property
+    @abstractmethod
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a completion."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Width V of the logits."""
+
+    @abstractmethod
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Chat-template ids of `messages` followed by the assistant turn's opening."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids (special tokens dropped)."""
+
+    @abstractmethod
+    def node_logits(self, prompt_ids: list[int], generated_ids: list[int]) -> torch.Tensor:
+        """Logits at every node of a rollout in one forward pass.
+
+        Returns [T, V] with T = len(generated_ids): row t is z(prompt + generated[:t]),
+        the logits from which generated[t] was drawn (before temperature)."""
+
+
+class Student(CausalLM):
+    """The model being diagnosed. Its policy is softmax(z / temperature)."""
+
+    temperature: float = 1.0
+
+
+# ----------------------------------------------------------------------------
+# Teachers and their contexts
+
+
+@dataclass
+class RolloutView:
+    """What a context builder may know about one student rollout."""
+
+    index: int
+    text: str
+    correct: bool
+
+
+@dataclass
+class ContextInputs:
+    """Everything a context builder may draw on for one rollout.
+
+    task, problem:      the task and the question being answered
+    student_messages:   the student's own prompt (Task.student_messages)
+    other_problems:     other questions of the run (for control contexts)
+    rollouts:           all student rollouts of this question (for self_success, feedback)
+    rollout_index:      which of `rollouts` is being diagnosed
+    rng:                seeded from (run seed, question, rollout): use it, not `random`
+    """
+
+    task: Task
+    problem: Problem
+    student_messages: list[dict]
+    other_problems: list[Problem]
+    rollouts: list[RolloutView]
+    rollout_index: int
+    rng: random.Random
+
+
+class ContextBuilder(ABC):
+    """Builds the teacher's prompt: the privileged context placed before the prefix."""
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def build(self, inputs: ContextInputs) -> Optional[list[dict]]:
+        """Chat messages the teacher sees before the student's generated tokens.
+
+        Return None when this context does not exist for the rollout (for example
+        no other correct rollout for `self_success`); the teacher is then skipped
+        for that rollout and the record says so."""
+
+
+class Teacher(ABC):
+    """Gives log p_T(.|u'_t) at every node of a student rollout."""
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def node_logprobs(self, inputs: ContextInputs, generated_ids: list[int]) -> Optional[torch.Tensor]:
+        """[T, V] log-probabilities of the teacher at each node, or None if the
+        teacher has no context for this rollout. Row t conditions on the
+        teacher's context followed by generated_ids[:t]."""
+
+
+# ----------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass(frozen=True)
+class ContinuationRequest:
+    """Sample one continuation of `prefix_ids`.
+
+    prefix_ids:      prompt plus the generated tokens so far
+    max_new_tokens:  at most this many tokens after the prefix (forced one included)
+    forced_first:    if set, the first new token is this id instead of a sample
+    seed:            per-request seed (derived from run/question/rollout/node, never
+                     from execution order) so results do not depend on batching
+    """
+
+    prefix_ids: tuple[int, ...]
+    max_new_tokens: int
+    forced_first: Optional[int] = None
+    seed: int = 0
+
+
+class RolloutSampler(ABC):
+    """Samples continuations with plain temperature sampling (no top-k/top-p)."""
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def sample(self, lm: CausalLM, requests: list[ContinuationRequest], temperature: float) -> list[list[int]]:
+        """One continuation per request: the new ids after the prefix, starting
+        with the forced token when given, ending with an EOS id if one was drawn
+        (then nothing follows it) or at max_new_tokens."""
+
+
+# ----------------------------------------------------------------------------
+# Ideal-gradient estimation
+
+
+@dataclass
+class EstimationJob:
+    """One student rollout handed to a gradient estimator.
+
+    student_logits:     [T, V] z(u_t), before temperature
+    teacher_preferred:  teacher name -> [T] argmax token of that teacher at each node
+    verify:             completion text -> reward in {0, 1}
+    max_new_tokens:     the student's generation limit: a continuation from node t
+                        may add max_new_tokens − t tokens, as the rollout could
+    seed:               derived from (run seed, question, rollout)
+    """
+
+    student: Student
+    sampler: RolloutSampler
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    student_logits: torch.Tensor
+    teacher_preferred: dict[str, torch.Tensor]
+    verify: Any
+    max_new_tokens: int
+    seed: int
+
+
+@dataclass
+class NodeEstimate:
+    """The ideal vector a*(u_t) at one targeted node, over its candidate tokens.
+
+    Tokens outside `candidates` are value-neutral (Q = V), so a* is zero there.
+
+    candidates:   [C] token ids
+    probs:        [C] π_k of the candidates
+    q_hat:        [C] Monte-Carlo Q(u_t, k)
+    q_halves:     [2, C] Q̂ from two independent halves of the continuations
+    counts:       [C] continuations behind each Q̂
+    value:        V̂(u_t) = Σ_C π_k Q̂_k / covered_mass
+    covered_mass: Σ_C π_k
+    ideal:        [C] a*_k = π_k (Q̂_k − V̂) / τ
+    ideal_halves: [2, C] the same from each half
+    """
+
+    node: int
+    candidates: torch.Tensor
+    probs: torch.Tensor
+    q_hat: torch.Tensor
+    q_halves: torch.Tensor
+    counts: torch.Tensor
+    value: float
+    covered_mass: float
+    ideal: torch.Tensor
+    ideal_halves: torch.Tensor
+
+
+@dataclass
+class IdealEstimate:
+    """What an estimator returns for one rollout.
+
+    nodes:         the targeted nodes, in increasing t
+    screen_bound:  [T] the bound 2(1 − π_max)/τ on ‖a*‖₁ at every node
+    budget:        counts: continuations, sampled_tokens, nodes_screened, nodes_targeted
+    """
+
+    nodes: list[NodeEstimate]
+    screen_bound: torch.Tensor
+    budget: dict
+
+
+class GradientEstimator(ABC):
+    """Estimates the ideal vectors a*(u_t) along one rollout."""
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def estimate(self, job: EstimationJob) -> IdealEstimate:
+        """The ideal vectors at the nodes this estimator targets."""
+
+
+# ----------------------------------------------------------------------------
+# Objectives
+
+
+class Objective(ABC):
+    """A distillation objective, as its logit-space descent vector b(u)."""
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def vector(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logprobs: torch.Tensor,
+        sampled: torch.Tensor,
+        temperature: float,
+    ) -> torch.Tensor:
+        """b [N, V] from student logits [N, V], teacher log-probs [N, V] and the
+        sampled tokens [N]; g_distill = Jᵀ b is minus the loss gradient."""

@@ -1,0 +1,82 @@
+"""The terminal leaderboard: a row per teacher × objective, then reference rows."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from gadiag_core.alignment import REFERENCE_ROWS
+
+
+def _num(value, fmt="{:+.3f}") -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else fmt.format(value)
+
+
+def _pct(value) -> str:
+    return _num(None if value is None else 100 * value, "{:.0f}%")
+
+
+def leaderboard_table(summary: dict) -> Table:
+    title = (
+        f"gradient alignment · task {summary['task']} v{summary['task_version']}\n"
+        f"student {summary['student']} · space {summary['space']} · estimator {summary['estimator']}"
+    )
+    caption = (
+        f"{summary['questions']} questions, {summary['rollouts']} rollouts "
+        f"({summary['rollouts_correct']} correct, accuracy {_pct(summary['accuracy'])}); "
+        f"{summary['budget'].get('continuations', 0):.0f} continuations, "
+        f"{summary['budget'].get('sampled_tokens', 0):.0f} sampled tokens, "
+        f"{summary['budget'].get('nodes_targeted', 0):.0f}/{summary['budget'].get('nodes_screened', 0):.0f} nodes targeted, "
+        f"covered mass {_num(summary['budget'].get('mean_covered_mass'), '{:.2f}')}"
+    )
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    for name, justify in [
+        ("teacher", "left"),
+        ("objective", "left"),
+        ("align", "right"),
+        ("incorrect", "right"),
+        ("correct", "right"),
+        ("per-question", "right"),
+        ("helps", "right"),
+        ("hurts", "right"),
+        ("nodes", "right"),
+    ]:
+        # Names never wrap or truncate; numbers are short.
+        table.add_column(name, justify=justify, no_wrap=True)
+
+    rows = summary["rows"]
+    def best_first(name):
+        value = rows[name]["mean_all"]
+        return -value if value is not None and math.isfinite(value) else math.inf
+
+    teacher_rows = sorted((name for name in rows if name not in REFERENCE_ROWS), key=best_first)
+
+    def add(name: str, teacher: str, objective: str, **style):
+        row = rows[name]
+        table.add_row(
+            teacher,
+            objective,
+            _num(row["mean_all"]),
+            _num(row["mean_incorrect"]),
+            _num(row["mean_correct"]),
+            _num(row["mean_question"]),
+            _pct(row["helps"]),
+            _pct(row["hurts"]),
+            str(row["nodes"]),
+            **style,
+        )
+
+    for name in teacher_rows:
+        teacher, _, objective = name.partition("/")
+        add(name, teacher, objective)
+    table.add_section()
+    for name in REFERENCE_ROWS:
+        if name in rows:
+            add(name, name, "reference", style="dim")
+    return table
+
+
+def print_leaderboard(summary: dict, console: Console | None = None) -> None:
+    (console or Console()).print(leaderboard_table(summary))

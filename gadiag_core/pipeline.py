@@ -1,0 +1,352 @@
+"""One run, top to bottom (DESIGN §3 data flow):
+
+    config -> components -> problems -> student rollouts -> verifier
+    -> per rollout: student forward, teacher forwards, ideal vectors (estimator),
+       distillation vectors (objectives), cosines -> records in the run directory
+    -> aggregates -> summary.json (the CLI prints the leaderboard)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from gadiag_core.alignment import aggregate, question_cosine, sparse_dot
+from gadiag_core.errors import UsageError
+from gadiag_core.interfaces import (
+    ContextInputs,
+    ContinuationRequest,
+    EstimationJob,
+    GradientEstimator,
+    Objective,
+    Problem,
+    RolloutSampler,
+    RolloutView,
+    Student,
+    Task,
+    Teacher,
+)
+from gadiag_core.lm import same_tokenizer
+from gadiag_core.registry import Registry
+from gadiag_core.rundir import RunDir
+from gadiag_core.seeding import derive_seed
+from gadiag_core.teacher import ContextTeacher
+from gadiag_core.vectors import policy, rl_outcome_vector
+
+
+@dataclass
+class Components:
+    task: Task
+    student: Student
+    teachers: dict[str, Teacher]
+    objectives: dict[str, Objective]
+    sampler: RolloutSampler
+    estimator: GradientEstimator
+
+
+@dataclass
+class Rollout:
+    problem: Problem
+    index: int
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str
+    correct: bool
+    messages: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------
+# Building the components a config names
+
+
+def add_config_teachers(config: dict, registry: Registry) -> None:
+    """Register `[teachers.NAME]` model teachers from the config."""
+    for name, spec in config["teachers"].items():
+        context_name = spec.get("context", "solution")
+        registry.get("context", context_name)  # unknown context -> suggestion
+
+        def factory(student, contexts, _spec=spec, _name=name, _context=context_name):
+            lm = registry.create(
+                "student", "hf", model=_spec["model"], temperature=1.0, dtype=_spec.get("dtype", config["student"]["dtype"])
+            )
+            if not same_tokenizer(lm, student):
+                raise UsageError(
+                    f"teacher {_name!r} ({_spec['model']}) uses a different tokenizer from the student: "
+                    "cross-tokenizer teachers are not supported yet; pick a teacher of the student's model family"
+                )
+            return ContextTeacher(_name, lm, contexts[_context].factory(), f"{_spec['model']} shown '{_context}'")
+
+        registry.add("teacher", name, factory, f"{spec['model']} shown '{context_name}'", "harness.toml")
+
+
+def build_components(config: dict, registry: Registry) -> Components:
+    run, student_cfg = config["run"], config["student"]
+    add_config_teachers(config, registry)
+    # Resolve every name first, so a typo fails before any model loads.
+    teacher_names = registry.resolve("teacher", run["teachers"])
+    objective_names = registry.resolve("objective", run["objectives"])
+    registry.get("task", run["task"])
+    registry.get("sampler", config["sampler"]["name"])
+    registry.get("estimator", config["estimator"]["name"])
+
+    task = registry.create("task", run["task"], **config["task"])
+    sampler = registry.create("sampler", config["sampler"]["name"], **_options(config["sampler"]))
+    estimator = registry.create("estimator", config["estimator"]["name"], **_options(config["estimator"]))
+    objectives = {name: registry.create("objective", name) for name in objective_names}
+    student = registry.create(
+        "student",
+        student_cfg["backend"],
+        model=student_cfg["model"],
+        temperature=student_cfg["temperature"],
+        dtype=student_cfg["dtype"],
+    )
+    contexts = registry.entries["context"]
+    teachers = {name: registry.get("teacher", name).factory(student=student, contexts=contexts) for name in teacher_names}
+    return Components(task, student, teachers, objectives, sampler, estimator)
+
+
+def _options(table: dict) -> dict:
+    return {k: v for k, v in table.items() if k != "name"}
+
+
+# ----------------------------------------------------------------------------
+# Student rollouts
+
+
+def sample_rollouts(c: Components, problems: list[Problem], config: dict, on_done=None) -> list[Rollout]:
+    """`rollouts_per_question` student completions per problem, verified."""
+    run = config["run"]
+    per_question = run["rollouts_per_question"]
+    requests, meta = [], []
+    for problem in problems:
+        messages = c.task.student_messages(problem)
+        prompt_ids = c.student.encode_messages(messages)
+        for index in range(per_question):
+            requests.append(
+                ContinuationRequest(
+                    prefix_ids=tuple(prompt_ids),
+                    max_new_tokens=config["student"]["max_new_tokens"],
+                    seed=derive_seed(run["seed"], "rollout", problem.id, index),
+                )
+            )
+            meta.append((problem, index, prompt_ids, messages))
+    outputs = c.sampler.sample(c.student, requests, c.student.temperature)
+    rollouts = []
+    for (problem, index, prompt_ids, messages), generated in zip(meta, outputs):
+        text = c.student.decode(generated)
+        rollouts.append(Rollout(problem, index, prompt_ids, generated, text, bool(c.task.verify(problem, text)), messages))
+        if on_done:
+            on_done()
+    return rollouts
+
+
+# ----------------------------------------------------------------------------
+# Diagnosing one rollout
+
+
+def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], problems: list[Problem], config: dict):
+    """Token records and the rollout record for one student rollout."""
+    seed = derive_seed(config["run"]["seed"], "diagnose", rollout.problem.id, rollout.index)
+    tau = c.student.temperature
+    gen = rollout.generated_ids
+    z = c.student.node_logits(rollout.prompt_ids, gen).float()  # [T, V]
+    width = z.shape[-1]
+
+    inputs = ContextInputs(
+        task=c.task,
+        problem=rollout.problem,
+        student_messages=rollout.messages,
+        other_problems=problems,
+        rollouts=[RolloutView(s.index, s.text, s.correct) for s in siblings],
+        rollout_index=rollout.index,
+        rng=random.Random(seed),
+    )
+    teacher_logprobs, skipped = {}, []
+    for name, teacher in c.teachers.items():
+        logprobs = teacher.node_logprobs(inputs, gen)
+        if logprobs is None:
+            skipped.append(name)
+            continue
+        if logprobs.shape[-1] != width:  # same tokenizer, padded differently
+            logprobs = torch.log_softmax(logprobs[..., :width], dim=-1)
+        teacher_logprobs[name] = logprobs
+
+    estimate = c.estimator.estimate(
+        EstimationJob(
+            student=c.student,
+            sampler=c.sampler,
+            prompt_ids=rollout.prompt_ids,
+            generated_ids=gen,
+            student_logits=z,
+            teacher_preferred={name: lp.argmax(-1) for name, lp in teacher_logprobs.items()},
+            verify=lambda text: c.task.verify(rollout.problem, text),
+            max_new_tokens=config["student"]["max_new_tokens"],
+            seed=seed,
+        )
+    )
+    rollout_record = {
+        "question": rollout.problem.id,
+        "rollout": rollout.index,
+        "correct": rollout.correct,
+        "tokens": len(gen),
+        "skipped_teachers": skipped,
+        "budget": estimate.budget,
+        "question_cos": {},
+    }
+    if not estimate.nodes:
+        return [], rollout_record
+
+    # Selected nodes, candidates padded to a common width C (−1 = padding).
+    sel = torch.tensor([n.node for n in estimate.nodes])
+    width_c = max(len(n.candidates) for n in estimate.nodes)
+    idx = torch.full((len(sel), width_c), -1, dtype=torch.long)
+    ideal = torch.zeros(len(sel), width_c, dtype=torch.float64)
+    halves = torch.zeros(2, len(sel), width_c, dtype=torch.float64)
+    for row, node in enumerate(estimate.nodes):
+        C = len(node.candidates)
+        idx[row, :C] = node.candidates
+        ideal[row, :C] = node.ideal.double()
+        halves[:, row, :C] = node.ideal_halves.double()
+    a_sq = (ideal**2).sum(-1)  # [N]
+    sampled = torch.tensor(gen)[sel]
+    z_sel = z[sel]
+    probs_sel = policy(z_sel, tau)
+
+    # Distillation vectors b [N, V] per row, and the reference rows.
+    vectors: dict[str, torch.Tensor] = {}
+    for tname, logprobs in teacher_logprobs.items():
+        for oname, objective in c.objectives.items():
+            vectors[f"{tname}/{oname}"] = objective.vector(z_sel, logprobs[sel], sampled, tau)
+    advantage = torch.tensor([float(rollout.correct) - n.value for n in estimate.nodes])
+    vectors["rl_outcome"] = rl_outcome_vector(probs_sel, sampled, advantage, tau)
+
+    cos_rows: dict[str, torch.Tensor] = {}
+    for row, b in vectors.items():
+        dots = sparse_dot(idx, ideal, b)
+        b_sq = (b.double() ** 2).sum(-1)
+        denominator = (a_sq * b_sq).sqrt()
+        cos_rows[row] = torch.where(denominator > 0, dots / denominator, torch.full_like(dots, float("nan")))
+        rollout_record["question_cos"][row] = question_cosine(dots, a_sq, b_sq)
+    # Noise ceiling: agreement of the two independent halves of â*.
+    h_dots = (halves[0] * halves[1]).sum(-1)
+    h0, h1 = (halves[0] ** 2).sum(-1), (halves[1] ** 2).sum(-1)
+    h_den = (h0 * h1).sqrt()
+    cos_rows["noise_ceiling"] = torch.where(h_den > 0, h_dots / h_den, torch.full_like(h_dots, float("nan")))
+    rollout_record["question_cos"]["noise_ceiling"] = question_cosine(h_dots, h0, h1)
+
+    decode = c.student.tokenizer.convert_ids_to_tokens
+    records = []
+    for row, node in enumerate(estimate.nodes):
+        t = node.node
+        records.append(
+            {
+                "question": rollout.problem.id,
+                "rollout": rollout.index,
+                "node": t,
+                "correct": rollout.correct,
+                "token_id": gen[t],
+                "token": decode(gen[t]),
+                "pi_token": float(probs_sel[row, sampled[row]]),
+                "pi_max": float(probs_sel[row].max()),
+                "value": node.value,
+                "covered_mass": node.covered_mass,
+                "candidates": node.candidates.tolist(),
+                "candidate_tokens": decode(node.candidates.tolist()),
+                "q_hat": node.q_hat.tolist(),
+                "counts": node.counts.tolist(),
+                "cos": {name: float(values[row]) for name, values in cos_rows.items()},
+            }
+        )
+    return records, rollout_record
+
+
+# ----------------------------------------------------------------------------
+# The whole run
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def run(config: dict, registry: Registry, console: Console | None = None) -> tuple[RunDir, dict]:
+    console = console or Console(stderr=True)
+    started = time.time()
+    threads = config["run"]["threads"] or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(config["run"]["seed"])
+
+    with console.status("loading student and teachers…"):
+        c = build_components(config, registry)
+    run_dir = RunDir.create(config)
+    console.print(f"run directory: {run_dir.path}")
+    problems = c.task.problems(config["run"]["questions"], config["run"]["seed"])
+
+    with _progress(console) as progress:
+        n_rollouts = len(problems) * config["run"]["rollouts_per_question"]
+        bar = progress.add_task("sampling student rollouts", total=n_rollouts)
+        rollouts = sample_rollouts(c, problems, config, on_done=lambda: progress.advance(bar))
+        run_dir.append(
+            "rollouts.jsonl",
+            [
+                {"question": r.problem.id, "rollout": r.index, "correct": r.correct, "text": r.text, "generated_ids": r.generated_ids}
+                for r in rollouts
+            ],
+        )
+        by_question: dict[str, list[Rollout]] = {}
+        for r in rollouts:
+            by_question.setdefault(r.problem.id, []).append(r)
+
+        bar = progress.add_task("diagnosing rollouts", total=len(rollouts))
+        token_records, rollout_records = [], []
+        for r in rollouts:
+            records, rollout_record = diagnose_rollout(c, r, by_question[r.problem.id], problems, config)
+            run_dir.append("tokens.jsonl", records)
+            run_dir.append("questions.jsonl", [rollout_record])
+            token_records += records
+            rollout_records.append(rollout_record)
+            progress.advance(bar)
+
+    summary = summarize(config, c, rollouts, token_records, rollout_records, time.time() - started)
+    run_dir.write_json("summary.json", summary)
+    return run_dir, summary
+
+
+def summarize(config, c: Components, rollouts, token_records, rollout_records, wall_time: float) -> dict:
+    budget: dict[str, float] = {}
+    for record in rollout_records:
+        for key, value in record["budget"].items():
+            budget[key] = budget.get(key, 0) + value
+    masses = [r["covered_mass"] for r in token_records]
+    budget["mean_covered_mass"] = sum(masses) / len(masses) if masses else float("nan")
+    return {
+        "task": c.task.name,
+        "task_version": c.task.version,
+        "student": config["student"]["model"],
+        "space": config["run"]["space"],
+        "estimator": config["estimator"]["name"],
+        "sampler": config["sampler"]["name"],
+        "teachers": list(c.teachers),
+        "objectives": list(c.objectives),
+        "questions": len({r.problem.id for r in rollouts}),
+        "rollouts": len(rollouts),
+        "accuracy": sum(r.correct for r in rollouts) / len(rollouts) if rollouts else float("nan"),
+        "rollouts_correct": sum(r.correct for r in rollouts),
+        "budget": budget,
+        "rows": aggregate(token_records, rollout_records),
+        "wall_time_s": round(wall_time, 1),
+    }

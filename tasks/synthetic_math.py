@@ -1,0 +1,236 @@
+"""The offline synthetic task ``math``: seeded arithmetic at graded difficulty.
+
+Levels (each shown to the student after one worked example of the same level,
+as a previous user/assistant exchange; every solution is one line ending in
+"The answer is N."):
+
+    L1  one-digit addition                     What is 3 + 5?
+    L2  one-digit a + b - c                    What is 7 + 5 - 3?
+    L3  two-digit plus one-digit, with carry   What is 47 + 8?
+    L4  two-step word problem                  Sam has 7 apples. He buys 5 more. ...
+    L5  three-step word problem                ... then ... then ...
+
+Problems cycle through the configured levels (problem i has level
+``levels[i % len(levels)]``) and are generated from (seed, i) alone, so the
+first n problems of a seed are the same whatever count is asked for.
+
+Options (the ``[task]`` table of harness.toml):
+    levels          which levels, e.g. [1, 2, 3] or ["L1", "L4"]; default DEFAULT_LEVELS
+    worked_example  show the one worked example before the question (default true)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from gadiag_core import hookimpl
+from gadiag_core.errors import UsageError
+from gadiag_core.interfaces import Problem, Task
+from gadiag_tasks.answers import integer_answer_matches, parse_int
+
+# (question, answer, solution without the answer statement)
+Draw = tuple[str, int, str]
+
+
+# ----------------------------------------------------------------------------
+# Generators: each draws one problem from an rng.
+
+
+def _one_digit_addition(rng: random.Random) -> Draw:
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return f"What is {a} + {b}?", a + b, f"{a} + {b} = {a + b}."
+
+
+def _add_subtract(rng: random.Random) -> Draw:
+    while True:
+        a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
+        if a + b - c >= 0:
+            break
+    s = a + b
+    return f"What is {a} + {b} - {c}?", s - c, f"{a} + {b} = {s}. {s} - {c} = {s - c}."
+
+
+def _two_digit_carry(rng: random.Random) -> Draw:
+    while True:
+        a, b = rng.randint(11, 89), rng.randint(2, 9)
+        if a % 10 + b >= 10:  # always a carry: the step the student must get right
+            break
+    return f"What is {a} + {b}?", a + b, f"{a} + {b} = {a + b}."
+
+
+_NAMES = [
+    ("Sam", "he"), ("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Ben", "he"),
+    ("Zoe", "she"), ("Max", "he"), ("Lily", "she"), ("Tom", "he"), ("Emma", "she"),
+]
+_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "stamps", "shells"]
+_GAINS = ["buys {n} more", "finds {n} more", "gets {n} more from a friend", "wins {n} more"]
+_LOSSES = ["gives {n} to a friend", "loses {n}", "gives away {n}", "sells {n}"]
+
+
+def _word_problem(rng: random.Random, steps: int) -> Draw:
+    """A story: a start amount, then `steps` gains or losses; how many now?"""
+    name, pronoun = rng.choice(_NAMES)
+    item = rng.choice(_ITEMS)
+    total = rng.randint(3, 9)
+    sentences = [f"{name} has {total} {item}."]
+    work = []
+    for step in range(steps):
+        gain = total < 2 or rng.random() < 0.5
+        n = rng.randint(1, 9) if gain else rng.randint(1, min(9, total))
+        phrase = rng.choice(_GAINS if gain else _LOSSES).format(n=n)
+        lead = pronoun.capitalize() if step == 0 else f"Then {pronoun}"
+        sentences.append(f"{lead} {phrase}.")
+        new = total + n if gain else total - n
+        work.append(f"{total} {'+' if gain else '-'} {n} = {new}.")
+        total = new
+    sentences.append(f"How many {item} does {name} have now?")
+    return " ".join(sentences), total, " ".join(work)
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    description: str
+    draw: Callable[[random.Random], Draw]
+
+
+LEVELS: dict[str, Level] = {
+    level.name: level
+    for level in [
+        Level("L1", "one-digit addition (What is 3 + 5?)", _one_digit_addition),
+        Level("L2", "one-digit a + b - c", _add_subtract),
+        Level("L3", "two-digit plus one-digit, always with a carry", _two_digit_carry),
+        Level("L4", "two-step word problem (add/subtract)", lambda rng: _word_problem(rng, 2)),
+        Level("L5", "three-step word problem (add/subtract)", lambda rng: _word_problem(rng, 3)),
+    ]
+}
+
+DEFAULT_LEVELS = ("L1", "L2", "L3", "L4")
+
+
+def parse_levels(levels) -> tuple[str, ...]:
+    """Level names from 1, "1", "L1", "l1", a list of those, or "1,2,3"."""
+    valid = ", ".join(LEVELS)
+    if isinstance(levels, (str, int)):
+        levels = [levels] if isinstance(levels, int) else [p for p in levels.split(",") if p.strip()]
+    try:
+        items = list(levels)
+    except TypeError:
+        raise UsageError(f"task 'math': option 'levels' must be a list of levels ({valid}), got {levels!r}") from None
+    if not items:
+        raise UsageError(f"task 'math': option 'levels' is empty; choose from {valid}")
+    names = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise UsageError(f"task 'math': unknown level {item!r}; valid levels: {valid}")
+        key = str(item).strip().upper()
+        if not key.startswith("L"):
+            key = "L" + key
+        if key not in LEVELS:
+            raise UsageError(f"task 'math': unknown level {item!r}; valid levels: {valid}")
+        if key not in names:
+            names.append(key)
+    return tuple(names)
+
+
+# ----------------------------------------------------------------------------
+# The task
+
+
+class SyntheticMath(Task):
+    name = "math"
+    # Bump when questions, solutions, worked examples or the prompt change.
+    version = "1.0"
+    description = "Synthetic arithmetic at graded levels (offline, seeded); integer answers."
+
+    # Tries to avoid repeating a question inside one level before accepting a repeat.
+    _DEDUP_TRIES = 30
+
+    def __init__(self, levels=DEFAULT_LEVELS, worked_example: bool = True) -> None:
+        self.levels = parse_levels(levels)
+        if not isinstance(worked_example, bool):
+            raise UsageError(f"task 'math': option 'worked_example' must be true or false, got {worked_example!r}")
+        self.worked_example = worked_example
+
+    # -- problems -------------------------------------------------------------
+
+    def _make(self, level: str, rng: random.Random, index: int) -> Problem:
+        question, answer, work = LEVELS[level].draw(rng)
+        return Problem(
+            id=f"{level}-{index:04d}",
+            question=question,
+            answer=str(answer),
+            solution=f"{work} {self.answer_statement(str(answer))}",
+            meta={"level": level},
+        )
+
+    def problems(self, count: int, seed: int) -> list[Problem]:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise UsageError(f"task 'math': the number of problems must be a non-negative integer, got {count!r}")
+        out: list[Problem] = []
+        seen: dict[str, set[str]] = {level: set() for level in self.levels}
+        for index in range(count):
+            level = self.levels[index % len(self.levels)]
+            # Seeded from (seed, index, level) only: a prefix does not depend on count.
+            rng = random.Random(f"gadiag-math:{seed}:{index}:{level}")
+            for _ in range(self._DEDUP_TRIES):
+                problem = self._make(level, rng, index)
+                if problem.question not in seen[level]:
+                    break
+            seen[level].add(problem.question)
+            out.append(problem)
+        return out
+
+    def example(self, level: str) -> Problem:
+        """The fixed worked example shown before questions of `level`."""
+        return self._make(level, random.Random(f"gadiag-math:worked-example:{level}"), 0)
+
+    # -- prompt ---------------------------------------------------------------
+
+    def student_messages(self, problem: Problem) -> list[dict]:
+        messages = []
+        if self.worked_example:
+            level = problem.meta.get("level") if isinstance(problem.meta, dict) else None
+            example = self.example(level if level in LEVELS else self.levels[0])
+            messages += [
+                {"role": "user", "content": example.question},
+                {"role": "assistant", "content": example.solution},
+            ]
+        messages.append({"role": "user", "content": problem.question})
+        return messages
+
+    # -- verifier -------------------------------------------------------------
+
+    def verify(self, problem: Problem, completion: str) -> bool:
+        try:
+            return integer_answer_matches(problem.answer, completion)
+        except Exception:  # never raise on garbage
+            return False
+
+    def wrong_answer(self, problem: Problem, rng: random.Random) -> str:
+        """A near miss (off by 1 to 3, or by 10 on two-digit answers), never negative
+        when the gold answer is not."""
+        gold = parse_int(problem.answer)
+        if gold is None:
+            return super().wrong_answer(problem, rng)
+        offsets = [-3, -2, -1, 1, 2, 3] + ([-10, 10] if abs(gold) >= 10 else [])
+        choices = [gold + d for d in offsets if gold < 0 or gold + d >= 0]
+        return str(rng.choice(choices))
+
+
+def factory(levels=DEFAULT_LEVELS, **options) -> SyntheticMath:
+    """Build the task from the ``[task]`` options of harness.toml."""
+    known = {"worked_example"}
+    for key in options:
+        if key not in known:
+            raise UsageError(
+                f"task 'math' has no option {key!r}; its options are: levels, {', '.join(sorted(known))}"
+            )
+    return SyntheticMath(levels=levels, **options)
+
+
+@hookimpl
+def register_tasks(register):
+    register("math", factory, "Synthetic arithmetic at graded levels L1-L5 (offline, seeded).")

@@ -1,0 +1,21 @@
+"""Self-distillation teachers: the student's own model, one per built-in context.
+
+`--teachers solution` means "the student, shown the reference solution".
+"""
+
+from gadiag_core import hookimpl
+from gadiag_core.teacher import ContextTeacher
+from gadiag_teachers.contexts import BUILT_IN
+
+
+def self_teacher_factory(context_name: str, description: str):
+    def factory(student, contexts):
+        return ContextTeacher(context_name, student, contexts[context_name].factory(), f"student + {description}")
+
+    return factory
+
+
+@hookimpl
+def register_teachers(register):
+    for cls in BUILT_IN:
+        register(cls.name, self_teacher_factory(cls.name, cls.description), f"the student itself; context: {cls.description}")
