@@ -1,18 +1,8 @@
-"""Alignment scores in the `logits` space, and their aggregates.
+"""Aggregates of alignment scores, per row (a teacher × objective, or a reference row).
 
-Per token: cos(a*(u_t), b(u_t)). For an untied output head this equals the
-cosine of the head's parameter gradients exactly (DESIGN §1).
-
-Per question (one rollout): the logits of different nodes are different
-coordinates of the logits space, so the rollout's vectors are the
-concatenations over its targeted nodes, and
-
-    cos_q = Σ_t ⟨a_t, b_t⟩ / ( sqrt(Σ_t ‖a_t‖²) · sqrt(Σ_t ‖b_t‖²) ).
-
-(In a parameter space, issue 6, the sum Σ_t Jᵀv_t replaces the concatenation.)
-
-Aggregates per row (a teacher × objective, or a reference row) are computed
-from the records alone, so `report` can redo them from a run directory.
+The per-node and per-question cosines come from `gadiag_core.spaces`; the
+aggregates are computed from the run's records alone, so `report` can redo
+them from a run directory.
 """
 
 from __future__ import annotations
@@ -20,23 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import torch
-
 REFERENCE_ROWS = ("rl_outcome", "noise_ceiling")
-
-
-def sparse_dot(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """⟨a, b⟩ per row for a given sparsely: idx [N, C] (−1 = padding), vals [N, C];
-    dense b [N, V]. Returns [N]."""
-    safe = idx.clamp(min=0)
-    gathered = dense.gather(-1, safe).double()
-    return (gathered * vals.double() * (idx >= 0)).sum(-1)
-
-
-def question_cosine(dots: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.Tensor) -> float:
-    """Concatenated cosine from per-node dots and squared norms (all [N])."""
-    denominator = math.sqrt(float(a_sq.sum())) * math.sqrt(float(b_sq.sum()))
-    return float(dots.sum()) / denominator if denominator > 0 else float("nan")
 
 
 def _mean(values: list[float]) -> float:

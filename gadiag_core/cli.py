@@ -1,7 +1,10 @@
 """The `gadiag-harness` command.
 
     gadiag-harness [run] [--config harness.toml] [--task T] [--teachers a,b|all] …
-    gadiag-harness list [--plugins-dir DIR]
+    gadiag-harness list [KIND] [--plugins-dir DIR]
+    gadiag-harness selfcheck …       (gadiag_core.selfcheck)
+    gadiag-harness report RUN_DIR…   (gadiag_core.report)
+    gadiag-harness show RUN_DIR …    (gadiag_core.show)
 
 Bad input (unknown names, bad config, missing model) prints one line on stderr
 and exits 2; no traceback.
@@ -20,7 +23,16 @@ from gadiag_core import config as config_mod
 from gadiag_core.errors import UsageError
 from gadiag_core.registry import KINDS, load_registry
 
-SUBCOMMANDS = ("run", "list")
+import importlib
+
+# Subcommands living in their own modules: name -> "module:function", where the
+# function takes the remaining argv and returns an exit code (UsageError -> 2).
+EXTERNAL_COMMANDS = {
+    "selfcheck": "gadiag_core.selfcheck:main",
+    "report": "gadiag_core.report:main",
+    "show": "gadiag_core.show:main",
+}
+SUBCOMMANDS = ("run", "list", *EXTERNAL_COMMANDS)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -113,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
     try:
+        if command in EXTERNAL_COMMANDS:
+            module, _, function = EXTERNAL_COMMANDS[command].partition(":")
+            return getattr(importlib.import_module(module), function)(argv)
         return {"run": cmd_run, "list": cmd_list}[command](argv)
     except UsageError as exc:
         print(f"gadiag-harness: error: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gadiag_core.errors import UsageError, did_you_mean
+from gadiag_core.spaces import check_space
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,7 +67,6 @@ RANGES = {
     ("student", "max_new_tokens"): (1, None),
 }
 
-SPACES = ("logits",)
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -131,8 +131,7 @@ def validate(config: dict) -> dict:
         unknown = set(teacher) - {"model", "context", "dtype"}
         if unknown:
             raise UsageError(f"unknown key teachers.{name}.{sorted(unknown)[0]}: allowed are model, context, dtype")
-    if resolved["run"]["space"] not in SPACES:
-        raise UsageError(f"run.space = {resolved['run']['space']!r} is not supported: choose from {', '.join(SPACES)}")
+    check_space(resolved["run"]["space"])
     if resolved["student"]["dtype"] not in DTYPES:
         raise UsageError(f"student.dtype = {resolved['student']['dtype']!r}: choose from {', '.join(DTYPES)}")
     return resolved

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gadiag_core.alignment import aggregate, question_cosine, sparse_dot
+from gadiag_core.alignment import aggregate
 from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import (
     ContextInputs,
@@ -36,6 +36,7 @@ from gadiag_core.lm import same_tokenizer
 from gadiag_core.registry import Registry
 from gadiag_core.rundir import RunDir
 from gadiag_core.seeding import derive_seed
+from gadiag_core.spaces import alignment_scores
 from gadiag_core.teacher import ContextTeacher
 from gadiag_core.vectors import policy, rl_outcome_vector
 
@@ -202,43 +203,34 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
     if not estimate.nodes:
         return [], rollout_record
 
-    # Selected nodes, candidates padded to a common width C (−1 = padding).
+    # Every vector densified at the scored nodes: [N, V].
     sel = torch.tensor([n.node for n in estimate.nodes])
-    width_c = max(len(n.candidates) for n in estimate.nodes)
-    idx = torch.full((len(sel), width_c), -1, dtype=torch.long)
-    ideal = torch.zeros(len(sel), width_c, dtype=torch.float64)
-    halves = torch.zeros(2, len(sel), width_c, dtype=torch.float64)
-    for row, node in enumerate(estimate.nodes):
-        C = len(node.candidates)
-        idx[row, :C] = node.candidates
-        ideal[row, :C] = node.ideal.double()
-        halves[:, row, :C] = node.ideal_halves.double()
-    a_sq = (ideal**2).sum(-1)  # [N]
     sampled = torch.tensor(gen)[sel]
     z_sel = z[sel]
     probs_sel = policy(z_sel, tau)
-
-    # Distillation vectors b [N, V] per row, and the reference rows.
     vectors: dict[str, torch.Tensor] = {}
+    for name, part in (("ideal", lambda n: n.ideal), ("ideal_half0", lambda n: n.ideal_halves[0]), ("ideal_half1", lambda n: n.ideal_halves[1])):
+        dense = torch.zeros(len(sel), width)
+        for row, node in enumerate(estimate.nodes):
+            dense[row, node.candidates] = part(node).float()
+        vectors[name] = dense
+
+    # Distillation vectors b per teacher x objective, and the reference rows.
+    pairs: dict[str, tuple[str, str]] = {}
     for tname, logprobs in teacher_logprobs.items():
         for oname, objective in c.objectives.items():
-            vectors[f"{tname}/{oname}"] = objective.vector(z_sel, logprobs[sel], sampled, tau)
+            row = f"{tname}/{oname}"
+            vectors[row] = objective.vector(z_sel, logprobs[sel], sampled, tau)
+            pairs[row] = ("ideal", row)
     advantage = torch.tensor([float(rollout.correct) - n.value for n in estimate.nodes])
     vectors["rl_outcome"] = rl_outcome_vector(probs_sel, sampled, advantage, tau)
-
-    cos_rows: dict[str, torch.Tensor] = {}
-    for row, b in vectors.items():
-        dots = sparse_dot(idx, ideal, b)
-        b_sq = (b.double() ** 2).sum(-1)
-        denominator = (a_sq * b_sq).sqrt()
-        cos_rows[row] = torch.where(denominator > 0, dots / denominator, torch.full_like(dots, float("nan")))
-        rollout_record["question_cos"][row] = question_cosine(dots, a_sq, b_sq)
+    pairs["rl_outcome"] = ("ideal", "rl_outcome")
     # Noise ceiling: agreement of the two independent halves of â*.
-    h_dots = (halves[0] * halves[1]).sum(-1)
-    h0, h1 = (halves[0] ** 2).sum(-1), (halves[1] ** 2).sum(-1)
-    h_den = (h0 * h1).sqrt()
-    cos_rows["noise_ceiling"] = torch.where(h_den > 0, h_dots / h_den, torch.full_like(h_dots, float("nan")))
-    rollout_record["question_cos"]["noise_ceiling"] = question_cosine(h_dots, h0, h1)
+    pairs["noise_ceiling"] = ("ideal_half0", "ideal_half1")
+
+    scores = alignment_scores(config["run"]["space"], c.student, rollout.prompt_ids, gen, sel, vectors, pairs)
+    cos_rows = {row: per_node for row, (per_node, _) in scores.items()}
+    rollout_record["question_cos"] = {row: per_question for row, (_, per_question) in scores.items()}
 
     decode = c.student.tokenizer.convert_ids_to_tokens
     records = []
