@@ -98,7 +98,7 @@ def cmd_run(argv: list[str]) -> int:
 
     run_dir, summary = run(config, registry)
     print_leaderboard(summary, Console())
-    Console(stderr=True).print(f"records and summary in {run_dir.path}  (wall time {summary['wall_time_s']} s)")
+    Console(stderr=True).print(f"records and summary in {run_dir.path}")
     return 0
 
 

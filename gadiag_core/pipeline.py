@@ -120,8 +120,12 @@ def _options(table: dict) -> dict:
 # Student rollouts
 
 
-def sample_rollouts(c: Components, problems: list[Problem], config: dict, on_done=None) -> list[Rollout]:
-    """`rollouts_per_question` student completions per problem, verified."""
+def sample_rollouts(c: Components, problems: list[Problem], config: dict, on_done=None, chunk: int = 32) -> list[Rollout]:
+    """`rollouts_per_question` student completions per problem, verified.
+
+    Requested in chunks of about `chunk` rows: large enough to batch well,
+    small enough for the progress bar to move. Seeds make the chunking
+    irrelevant to the result."""
     run = config["run"]
     per_question = run["rollouts_per_question"]
     requests, meta = [], []
@@ -137,13 +141,14 @@ def sample_rollouts(c: Components, problems: list[Problem], config: dict, on_don
                 )
             )
             meta.append((problem, index, prompt_ids, messages))
-    outputs = c.sampler.sample(c.student, requests, c.student.temperature)
     rollouts = []
-    for (problem, index, prompt_ids, messages), generated in zip(meta, outputs):
-        text = c.student.decode(generated)
-        rollouts.append(Rollout(problem, index, prompt_ids, generated, text, bool(c.task.verify(problem, text)), messages))
-        if on_done:
-            on_done()
+    for start in range(0, len(requests), chunk):
+        outputs = c.sampler.sample(c.student, requests[start : start + chunk], c.student.temperature)
+        for (problem, index, prompt_ids, messages), generated in zip(meta[start : start + chunk], outputs):
+            text = c.student.decode(generated)
+            rollouts.append(Rollout(problem, index, prompt_ids, generated, text, bool(c.task.verify(problem, text)), messages))
+            if on_done:
+                on_done()
     return rollouts
 
 
@@ -232,7 +237,11 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
     cos_rows = {row: per_node for row, (per_node, _) in scores.items()}
     rollout_record["question_cos"] = {row: per_question for row, (_, per_question) in scores.items()}
 
-    decode = c.student.tokenizer.convert_ids_to_tokens
+    # Each teacher's three most likely tokens at the scored nodes (for reports).
+    teacher_top = {}
+    for tname, logprobs in teacher_logprobs.items():
+        top_p, top_k = logprobs[sel].exp().topk(3, dim=-1)
+        teacher_top[tname] = (top_k.tolist(), top_p.tolist())
     records = []
     for row, node in enumerate(estimate.nodes):
         t = node.node
@@ -243,16 +252,20 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
                 "node": t,
                 "correct": rollout.correct,
                 "token_id": gen[t],
-                "token": decode(gen[t]),
+                "token": c.student.tokenizer.decode([gen[t]]),
                 "pi_token": float(probs_sel[row, sampled[row]]),
                 "pi_max": float(probs_sel[row].max()),
                 "value": node.value,
                 "covered_mass": node.covered_mass,
                 "candidates": node.candidates.tolist(),
-                "candidate_tokens": decode(node.candidates.tolist()),
+                "candidate_tokens": token_strings(c.student, node.candidates.tolist()),
                 "q_hat": node.q_hat.tolist(),
                 "counts": node.counts.tolist(),
                 "cos": {name: float(values[row]) for name, values in cos_rows.items()},
+                "teacher_top": {
+                    tname: [[c.student.tokenizer.decode([k]), p] for k, p in zip(ids[row], probs[row])]
+                    for tname, (ids, probs) in teacher_top.items()
+                },
             }
         )
     return records, rollout_record
@@ -276,49 +289,94 @@ def _progress(console: Console) -> Progress:
 
 
 def run(config: dict, registry: Registry, console: Console | None = None) -> tuple[RunDir, dict]:
+    """Run (or resume) the diagnosis the config describes.
+
+    Units of work: the student rollouts (sampled and stored together), then one
+    unit per rollout diagnosed. Each unit is stored atomically when done; a rerun
+    on the same run directory skips finished units, and the final files are
+    assembled from the units in a fixed order, so an interrupted and resumed
+    run ends with exactly the files of an uninterrupted one."""
     console = console or Console(stderr=True)
     started = time.time()
     threads = config["run"]["threads"] or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(config["run"]["seed"])
 
+    run_dir = RunDir.open_or_create(config)
     with console.status("loading student and teachers…"):
         c = build_components(config, registry)
-    run_dir = RunDir.create(config)
     console.print(f"run directory: {run_dir.path}")
     problems = c.task.problems(config["run"]["questions"], config["run"]["seed"])
 
     with _progress(console) as progress:
-        n_rollouts = len(problems) * config["run"]["rollouts_per_question"]
-        bar = progress.add_task("sampling student rollouts", total=n_rollouts)
-        rollouts = sample_rollouts(c, problems, config, on_done=lambda: progress.advance(bar))
-        run_dir.append(
-            "rollouts.jsonl",
-            [
-                {"question": r.problem.id, "rollout": r.index, "correct": r.correct, "text": r.text, "generated_ids": r.generated_ids}
-                for r in rollouts
-            ],
-        )
+        rollouts = load_rollouts(c, problems, run_dir)
+        if rollouts is None:
+            n_rollouts = len(problems) * config["run"]["rollouts_per_question"]
+            bar = progress.add_task("sampling student rollouts", total=n_rollouts)
+            rollouts = sample_rollouts(c, problems, config, on_done=lambda: progress.advance(bar))
+            run_dir.write_jsonl("rollouts.jsonl", [rollout_row(c, r) for r in rollouts])
         by_question: dict[str, list[Rollout]] = {}
         for r in rollouts:
             by_question.setdefault(r.problem.id, []).append(r)
 
-        bar = progress.add_task("diagnosing rollouts", total=len(rollouts))
-        token_records, rollout_records = [], []
-        for r in rollouts:
+        done = run_dir.finished_units()
+        todo = [r for r in rollouts if unit_name(r) not in done]
+        bar = progress.add_task("diagnosing rollouts", total=len(rollouts), completed=len(rollouts) - len(todo))
+        for r in todo:
             records, rollout_record = diagnose_rollout(c, r, by_question[r.problem.id], problems, config)
-            run_dir.append("tokens.jsonl", records)
-            run_dir.append("questions.jsonl", [rollout_record])
-            token_records += records
-            rollout_records.append(rollout_record)
+            run_dir.write_unit(unit_name(r), {"tokens": records, "rollout": rollout_record})
             progress.advance(bar)
 
-    summary = summarize(config, c, rollouts, token_records, rollout_records, time.time() - started)
+    units = [run_dir.read_unit(unit_name(r)) for r in rollouts]
+    token_records = [record for unit in units for record in unit["tokens"]]
+    rollout_records = [unit["rollout"] for unit in units]
+    run_dir.write_jsonl("tokens.jsonl", token_records)
+    run_dir.write_jsonl("questions.jsonl", rollout_records)
+    summary = summarize(config, c, rollouts, token_records, rollout_records)
     run_dir.write_json("summary.json", summary)
+    console.print(f"wall time {time.time() - started:.1f} s")
     return run_dir, summary
 
 
-def summarize(config, c: Components, rollouts, token_records, rollout_records, wall_time: float) -> dict:
+def unit_name(rollout: Rollout) -> str:
+    return f"{rollout.problem.id}.r{rollout.index}"
+
+
+def token_strings(lm, ids: list[int]) -> list[str]:
+    """Each token as the text it adds (for display), not the tokenizer's raw form."""
+    return [lm.tokenizer.decode([i]) for i in ids]
+
+
+def rollout_row(c: Components, r: Rollout) -> dict:
+    return {
+        "question": r.problem.id,
+        "rollout": r.index,
+        "correct": r.correct,
+        "text": r.text,
+        "generated_ids": r.generated_ids,
+        "tokens": token_strings(c.student, r.generated_ids),
+        "question_text": r.problem.question,
+        "answer": r.problem.answer,
+    }
+
+
+def load_rollouts(c: Components, problems: list[Problem], run_dir: RunDir) -> list[Rollout] | None:
+    """The stored rollouts of a resumed run (prompts rebuilt from the task), or None."""
+    rows = run_dir.read("rollouts.jsonl")
+    if not rows:
+        return None
+    by_id = {p.id: p for p in problems}
+    rollouts = []
+    for row in rows:
+        problem = by_id[row["question"]]
+        messages = c.task.student_messages(problem)
+        rollouts.append(
+            Rollout(problem, row["rollout"], c.student.encode_messages(messages), row["generated_ids"], row["text"], row["correct"], messages)
+        )
+    return rollouts
+
+
+def summarize(config, c: Components, rollouts, token_records, rollout_records) -> dict:
     budget: dict[str, float] = {}
     for record in rollout_records:
         for key, value in record["budget"].items():
@@ -340,5 +398,4 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records, w
         "rollouts_correct": sum(r.correct for r in rollouts),
         "budget": budget,
         "rows": aggregate(token_records, rollout_records),
-        "wall_time_s": round(wall_time, 1),
     }
