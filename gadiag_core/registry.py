@@ -79,6 +79,9 @@ class Registry:
                 bad = str(exc).split("argument")[-1].strip(" '")
                 raise UsageError(f"{kind} {name!r} has no option {bad!r} (from {entry.source})") from None
             raise
+        except ValueError as exc:
+            # Factories validate their options with ValueError: an out-of-range setting.
+            raise UsageError(f"{kind} {name!r}: {exc}") from None
 
     def resolve(self, kind: str, spec) -> list[str]:
         """Names from 'all', 'a,b' or a list; unknown names raise with suggestions."""
