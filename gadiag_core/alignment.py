@@ -8,6 +8,7 @@ them from a run directory.
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
 
 REFERENCE_ROWS = ("rl_outcome", "noise_ceiling")
@@ -18,17 +19,43 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
+def bootstrap_ci(groups: dict[str, list[float]], draws: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the pooled mean, resampling whole
+    questions (`groups`: question -> its values), so that the many correlated
+    tokens of one question count as one draw. (nan, nan) with < 2 questions."""
+    keys = [k for k, values in groups.items() if values]
+    if len(keys) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    sums = {k: (sum(groups[k]), len(groups[k])) for k in keys}
+    means = []
+    for _ in range(draws):
+        total = count = 0
+        for k in rng.choices(keys, k=len(keys)):
+            total += sums[k][0]
+            count += sums[k][1]
+        means.append(total / count)
+    means.sort()
+    low = means[int((1 - level) / 2 * (draws - 1))]
+    high = means[int((1 + level) / 2 * (draws - 1))]
+    return low, high
+
+
 def aggregate(token_records: list[dict], rollout_records: list[dict]) -> dict[str, dict]:
-    """Per row: mean token alignment on all / incorrect / correct rollouts, mean
-    per-question alignment, shares of tokens where it helps (cos > 0) and hurts
-    (cos < 0), and the number of scored nodes."""
+    """Per row: mean token alignment on all / incorrect / correct rollouts (with
+    95% bootstrap intervals over questions), mean per-question alignment, shares
+    of tokens where it helps (cos > 0) and hurts (cos < 0), and the number of
+    scored nodes."""
     tokens = defaultdict(lambda: {"all": [], "incorrect": [], "correct": []})
+    by_question = defaultdict(lambda: {"all": defaultdict(list), "incorrect": defaultdict(list), "correct": defaultdict(list)})
     for record in token_records:
         split = "correct" if record["correct"] else "incorrect"
         for row, value in record["cos"].items():
             if value is not None and math.isfinite(value):
                 tokens[row]["all"].append(value)
                 tokens[row][split].append(value)
+                by_question[row]["all"][record["question"]].append(value)
+                by_question[row][split][record["question"]].append(value)
     questions = defaultdict(list)
     for record in rollout_records:
         for row, value in record.get("question_cos", {}).items():
@@ -42,6 +69,9 @@ def aggregate(token_records: list[dict], rollout_records: list[dict]) -> dict[st
             "mean_all": _mean(values),
             "mean_incorrect": _mean(tokens[row]["incorrect"]),
             "mean_correct": _mean(tokens[row]["correct"]),
+            "ci_all": bootstrap_ci(by_question[row]["all"]),
+            "ci_incorrect": bootstrap_ci(by_question[row]["incorrect"]),
+            "ci_correct": bootstrap_ci(by_question[row]["correct"]),
             "mean_question": _mean(questions[row]),
             "helps": sum(v > 0 for v in values) / n if n else float("nan"),
             "hurts": sum(v < 0 for v in values) / n if n else float("nan"),

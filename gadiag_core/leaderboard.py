@@ -14,6 +14,13 @@ def _num(value, fmt="{:+.3f}") -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else fmt.format(value)
 
 
+def _interval(pair) -> str:
+    """'lo..hi' of a bootstrap interval, '–' when there is none."""
+    if not pair or any(v is None or not math.isfinite(v) for v in pair):
+        return "–"
+    return f"{pair[0]:+.2f}..{pair[1]:+.2f}"
+
+
 def _pct(value) -> str:
     return _num(None if value is None else 100 * value, "{:.0f}%")
 
@@ -36,6 +43,7 @@ def leaderboard_table(summary: dict) -> Table:
         ("teacher", "left"),
         ("objective", "left"),
         ("align", "right"),
+        ("95% CI", "right"),
         ("incorrect", "right"),
         ("correct", "right"),
         ("per-question", "right"),
@@ -59,6 +67,7 @@ def leaderboard_table(summary: dict) -> Table:
             teacher,
             objective,
             _num(row["mean_all"]),
+            _interval(row.get("ci_all")),
             _num(row["mean_incorrect"]),
             _num(row["mean_correct"]),
             _num(row["mean_question"]),

@@ -1,0 +1,31 @@
+"""Aggregates: means per split, helps/hurts shares, bootstrap intervals over questions."""
+
+import math
+
+from gadiag_core.alignment import aggregate, bootstrap_ci
+
+
+def record(question, correct, value):
+    return {"question": question, "correct": correct, "cos": {"t/o": value}}
+
+
+def test_aggregate_splits_and_shares():
+    tokens = [record("q1", True, 0.5), record("q1", True, -0.1), record("q2", False, 0.9), record("q2", False, float("nan"))]
+    rollouts = [{"question_cos": {"t/o": 0.2}}, {"question_cos": {"t/o": 0.4}}]
+    row = aggregate(tokens, rollouts)["t/o"]
+    assert math.isclose(row["mean_all"], (0.5 - 0.1 + 0.9) / 3)
+    assert math.isclose(row["mean_correct"], 0.2) and math.isclose(row["mean_incorrect"], 0.9)
+    assert math.isclose(row["mean_question"], 0.3)
+    assert row["nodes"] == 3 and math.isclose(row["helps"], 2 / 3) and math.isclose(row["hurts"], 1 / 3)
+    low, high = row["ci_all"]
+    assert low <= row["mean_all"] <= high
+
+
+def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_questions():
+    narrow_groups = {f"q{i}": [0.3 + 0.1 * ((i % 3) - 1)] for i in range(200)}
+    wide_groups = {f"q{i}": [0.3 + 0.1 * ((i % 3) - 1)] for i in range(6)}
+    n_low, n_high = bootstrap_ci(narrow_groups)
+    w_low, w_high = bootstrap_ci(wide_groups)
+    assert n_low < 0.3 < n_high and w_low <= 0.3 <= w_high
+    assert (n_high - n_low) < (w_high - w_low)
+    assert all(math.isnan(v) for v in bootstrap_ci({"only": [0.1, 0.2]}))
