@@ -98,7 +98,9 @@ def cmd_run(argv: list[str]) -> int:
 
     run_dir, summary = run(config, registry)
     print_leaderboard(summary, Console())
-    Console(stderr=True).print(f"records and summary in {run_dir.path}")
+    Console(stderr=True).print(
+        f"records and summary in {run_dir.path}; open {run_dir.path / 'report' / 'index.html'} for the per-token report"
+    )
     return 0
 
 

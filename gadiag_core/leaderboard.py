@@ -88,4 +88,8 @@ def leaderboard_table(summary: dict) -> Table:
 
 
 def print_leaderboard(summary: dict, console: Console | None = None) -> None:
-    (console or Console()).print(leaderboard_table(summary))
+    """Print the table; off a terminal (a file, a pipe) use a width it fits in."""
+    console = console or Console()
+    if not console.is_terminal:
+        console = Console(file=console.file, width=160)
+    console.print(leaderboard_table(summary))

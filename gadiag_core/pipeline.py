@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gadiag_core.alignment import aggregate
 from gadiag_core.errors import UsageError
+from gadiag_core.html_report import write_html_report
 from gadiag_core.interfaces import (
     ContextInputs,
     ContinuationRequest,
@@ -33,6 +34,7 @@ from gadiag_core.interfaces import (
     Teacher,
 )
 from gadiag_core.lm import same_tokenizer
+from gadiag_core.records import write_parquet
 from gadiag_core.registry import Registry
 from gadiag_core.rundir import RunDir
 from gadiag_core.seeding import derive_seed
@@ -259,6 +261,7 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
                 "covered_mass": node.covered_mass,
                 "candidates": node.candidates.tolist(),
                 "candidate_tokens": token_strings(c.student, node.candidates.tolist()),
+                "candidate_pi": node.probs.tolist(),
                 "q_hat": node.q_hat.tolist(),
                 "counts": node.counts.tolist(),
                 "cos": {name: float(values[row]) for name, values in cos_rows.items()},
@@ -334,6 +337,9 @@ def run(config: dict, registry: Registry, console: Console | None = None) -> tup
     run_dir.write_jsonl("questions.jsonl", rollout_records)
     summary = summarize(config, c, rollouts, token_records, rollout_records)
     run_dir.write_json("summary.json", summary)
+    # Files people open: Parquet records and the HTML report with its plots.
+    write_parquet(run_dir.path)
+    write_html_report(run_dir.path)
     console.print(f"wall time {time.time() - started:.1f} s")
     return run_dir, summary
 

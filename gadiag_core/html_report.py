@@ -1,0 +1,628 @@
+"""The HTML report of a run: self-contained files in RUN_DIR/report/.
+
+    report/index.html                  the leaderboard, the plots, every question
+    report/question-<id>.html          one page per question: each rollout's text
+                                       as a heat-map of per-token alignment, and
+                                       a matrix of every row at the scored tokens
+    report/alignment_by_position.png   the plots (see gadiag_core.plots)
+    report/alignment_distribution.png
+    report/correct_vs_incorrect.png
+
+Inline CSS and JavaScript only; nothing is fetched from anywhere, so the folder
+can be copied and opened offline. On a question page, pick the row (teacher ×
+objective, or a reference row) that colours the text; hover over a scored token
+for its details (π, V̂, the ideal's candidates with π, Q̂ and a*, the teachers'
+top tokens, every row's cosine); click to pin them (the address then links to
+that token: question-<id>.html#r<rollout>-n<position>). Green helps (cosine > 0),
+red hurts; tokens that were not scored (screened out) stay uncoloured.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from pathlib import Path
+
+from gadiag_core.alignment import REFERENCE_ROWS
+from gadiag_core.records import Run, load_run
+
+REPORT_DIR = "report"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value, fmt="{:+.3f}") -> str:
+    return fmt.format(value) if _finite(value) else "–"
+
+
+def _interval(pair) -> str:
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(_finite(v) for v in pair):
+        return "–"
+    return f"{pair[0]:+.2f}..{pair[1]:+.2f}"
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.0f}%" if _finite(value) else "–"
+
+
+def colour(value) -> str:
+    """Background for a cosine: green helps, red hurts, stronger with |cos|.
+    Must match colour() in the page script."""
+    if not _finite(value):
+        return "transparent"
+    v = max(-1.0, min(1.0, float(value)))
+    rgb = "26,152,80" if v >= 0 else "215,48,39"
+    return f"rgba({rgb},{0.08 + 0.72 * abs(v):.3f})"
+
+
+def page_name(question: str, taken: set[str] | None = None) -> str:
+    """File name of a question's page (safe characters; unique within `taken`)."""
+    base = "question-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", question) or "_")
+    name, n = f"{base}.html", 1
+    while taken is not None and name in taken:
+        n += 1
+        name = f"{base}-{n}.html"
+    if taken is not None:
+        taken.add(name)
+    return name
+
+
+def _json_for_script(value) -> str:
+    """JSON safe inside <script type="application/json">."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=str)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _visible(token: str) -> str:
+    """A token's text as shown: whitespace made visible where it would vanish."""
+    if token == "":
+        return "∅"
+    return token.replace("\t", "⇥\t").replace("\n", "↵\n")
+
+
+# ----------------------------------------------------------------------------
+# Page skeleton
+
+CSS = """
+:root { --fg:#1d1d1f; --dim:#6e6e73; --line:#d2d2d7; --bg:#ffffff; --panel:#f5f5f7; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+       color: var(--fg); background: var(--bg); margin: 0 auto; padding: 18px 28px 60px; max-width: 1400px; }
+h1 { font-size: 22px; margin: 6px 0 4px; } h2 { font-size: 16px; margin: 26px 0 8px; }
+a { color: #0a58ca; text-decoration: none; } a:hover { text-decoration: underline; }
+.sub, .dim { color: var(--dim); }
+nav { font-size: 13px; color: var(--dim); margin-bottom: 8px; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { padding: 3px 9px; border-bottom: 1px solid var(--line); text-align: right; white-space: nowrap; }
+th { font-weight: 600; background: var(--panel); position: sticky; top: 0; }
+td.l, th.l { text-align: left; }
+tbody.ref td { color: var(--dim); }
+tbody.ref tr:first-child td { border-top: 2px solid var(--line); }
+.banner { background: #fff3cd; border: 1px solid #e0c36a; padding: 6px 10px; border-radius: 6px; margin: 10px 0; }
+figure { display: inline-block; margin: 8px 18px 8px 0; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid var(--line); border-radius: 6px; }
+figcaption { color: var(--dim); font-size: 12px; }
+.chip { display: inline-block; padding: 0 6px; margin: 1px 2px; border-radius: 4px; border: 1px solid var(--line); }
+.controls { position: sticky; top: 0; background: var(--bg); padding: 8px 0; border-bottom: 1px solid var(--line); z-index: 5; }
+.legend span { display: inline-block; width: 34px; text-align: center; font-size: 11px; }
+.text { font: 14px/1.9 ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; white-space: pre-wrap;
+        word-break: break-word; background: var(--panel); padding: 10px 12px; border-radius: 6px; }
+.tok.s { border-bottom: 2px solid #555; cursor: pointer; border-radius: 2px; }
+.tok.s.nan { border-bottom: 2px dotted #999; }
+.tok.s:hover, .cell:hover, .tok.s.pinned { outline: 2px solid #0a58ca; }
+.matrix td.cell { cursor: pointer; min-width: 52px; }
+.matrix th.tokh { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; }
+.matrix tr.sel td { font-weight: 700; }
+#tip { position: fixed; z-index: 20; max-width: 460px; background: #fff; border: 1px solid #999; border-radius: 8px;
+       box-shadow: 0 6px 24px rgba(0,0,0,.18); padding: 10px 12px; font-size: 13px; pointer-events: none;
+       max-height: calc(100vh - 8px); overflow: auto; }
+#tip.pinned { pointer-events: auto; border-color: #0a58ca; }
+#tip table { margin: 4px 0 8px; } #tip td, #tip th { padding: 1px 6px; }
+#tip .big { font-size: 18px; font-weight: 700; padding: 0 6px; border-radius: 4px; }
+#tip code { background: var(--panel); padding: 0 3px; border-radius: 3px; white-space: pre; }
+#tip h4 { margin: 6px 0 2px; font-size: 12px; color: var(--dim); text-transform: uppercase; letter-spacing: .04em; }
+"""
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        "<link rel=\"icon\" href=\"data:,\">"
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n{script}\n</body></html>\n"
+    )
+
+
+def _run_header(run: Run) -> str:
+    s = run.summary
+    budget = s.get("budget", {})
+    parts = [
+        f"student <b>{_esc(s.get('student', '?'))}</b>",
+        f"space {_esc(s.get('space', '?'))}",
+        f"estimator {_esc(s.get('estimator', '?'))}",
+        f"sampler {_esc(s.get('sampler', '?'))}",
+    ]
+    counts = (
+        f"{s.get('questions', 0)} questions, {s.get('rollouts', 0)} rollouts "
+        f"({s.get('rollouts_correct', 0)} correct, accuracy {_pct(s.get('accuracy'))}); "
+        f"{budget.get('continuations', 0):.0f} continuations, {budget.get('sampled_tokens', 0):.0f} sampled tokens, "
+        f"{budget.get('nodes_targeted', 0):.0f}/{budget.get('nodes_screened', 0):.0f} nodes targeted, "
+        f"covered mass {_num(budget.get('mean_covered_mass'), '{:.2f}')}"
+    )
+    banner = (
+        ""
+        if run.finished
+        else "<div class=\"banner\">Unfinished run (no summary.json): the numbers are rebuilt from the records written so far.</div>"
+    )
+    return f"<p class=\"sub\">{' · '.join(parts)}<br>{_esc(counts)}</p>{banner}"
+
+
+# ----------------------------------------------------------------------------
+# index.html
+
+
+def _leaderboard_html(run: Run) -> str:
+    rows = run.summary.get("rows", {})
+    head = "".join(
+        f"<th class=\"{'l' if i < 2 else ''}\" title=\"{_esc(tip)}\">{name}</th>"
+        for i, (name, tip) in enumerate(
+            [
+                ("teacher", "teacher (context shown to the teacher), or a reference row"),
+                ("objective", "distillation objective"),
+                ("align", "mean per-token cosine with the ideal gradient, all rollouts"),
+                ("95% CI", "bootstrap interval of align, resampling questions"),
+                ("incorrect", "mean per-token cosine on incorrect rollouts"),
+                ("correct", "mean per-token cosine on correct rollouts"),
+                ("per-question", "mean of the per-rollout cosines"),
+                ("helps", "share of scored tokens with cosine > 0"),
+                ("hurts", "share of scored tokens with cosine < 0"),
+                ("nodes", "scored tokens with a defined cosine"),
+            ]
+        )
+    )
+
+    def line(name: str) -> str:
+        row = rows[name]
+        teacher, _, objective = name.partition("/")
+        if name in REFERENCE_ROWS:
+            teacher, objective = name, "reference"
+        cells = "".join(
+            f"<td style=\"background:{colour(row.get(key))}\">{_num(row.get(key))}</td>"
+            if key
+            else f"<td class=\"dim\">{_interval(row.get('ci_all'))}</td>"
+            for key in ("mean_all", None, "mean_incorrect", "mean_correct", "mean_question")
+        )
+        return (
+            f"<tr><td class=\"l\">{_esc(teacher)}</td><td class=\"l\">{_esc(objective)}</td>{cells}"
+            f"<td>{_pct(row.get('helps'))}</td><td>{_pct(row.get('hurts'))}</td><td>{row.get('nodes', 0)}</td></tr>"
+        )
+
+    ordered = run.rows()
+    teacher_rows = "".join(line(n) for n in ordered if n not in REFERENCE_ROWS)
+    reference_rows = "".join(line(n) for n in ordered if n in REFERENCE_ROWS)
+    return (
+        f"<table class=\"leaderboard\"><thead><tr>{head}</tr></thead><tbody>{teacher_rows}</tbody>"
+        f"<tbody class=\"ref\">{reference_rows}</tbody></table>"
+    )
+
+
+def _index_html(run: Run, pages: dict[str, str], plots: list[str]) -> str:
+    from gadiag_core.plots import PLOT_FILES
+
+    row = run.default_row()
+    figures = "".join(
+        f"<figure><a href=\"{_esc(name)}\"><img src=\"{_esc(name)}\" alt=\"{_esc(PLOT_FILES.get(name, name))}\"></a>"
+        f"<figcaption>{_esc(PLOT_FILES.get(name, name))}</figcaption></figure>"
+        for name in plots
+    )
+    question_rows = []
+    for index, qid in enumerate(run.question_ids()):
+        rollouts = run.rollouts_of(qid)
+        first = rollouts[0] if rollouts else {}
+        chips = []
+        for r in rollouts:
+            q_cos = run.question_record(qid, r["rollout"]).get("question_cos", {}).get(row) if row else None
+            mark = "✓" if r.get("correct") else "✗"
+            chips.append(
+                f"<a class=\"chip\" style=\"background:{colour(q_cos)}\" href=\"{_esc(pages[qid])}#r{r['rollout']}\" "
+                f"title=\"rollout {r['rollout']}: {'correct' if r.get('correct') else 'incorrect'}; {_esc(row or '')} {_num(q_cos)}\">"
+                f"r{r['rollout']} {mark}</a>"
+            )
+        scored = sum(len(run.nodes(qid, r["rollout"])) for r in rollouts)
+        text = str(first.get("question_text", ""))
+        question_rows.append(
+            f"<tr><td>{index}</td><td class=\"l\"><a href=\"{_esc(pages[qid])}\">{_esc(qid)}</a></td>"
+            f"<td class=\"l\" title=\"{_esc(text)}\">{_esc(text[:90] + ('…' if len(text) > 90 else ''))}</td>"
+            f"<td class=\"l\">{_esc(first.get('answer', ''))}</td><td class=\"l\">{''.join(chips)}</td><td>{scored}</td></tr>"
+        )
+    files = [
+        f"<a href=\"../{name}\">{name}</a>"
+        for name in (
+            "summary.json", "config.toml", "tokens.parquet", "questions.parquet", "rollouts.parquet",
+            "tokens.jsonl", "questions.jsonl", "rollouts.jsonl",
+        )
+        if (run.path / name).is_file()
+    ]
+    body = (
+        f"<h1>Gradient alignment · task {_esc(run.task_label)}</h1>{_run_header(run)}"
+        f"<h2>Leaderboard</h2>{_leaderboard_html(run)}"
+        f"<p class=\"dim\">Cosine between each teacher's distillation update and the ideal (outcome-optimal) update, "
+        f"per scored token. The reference rows bound it: <b>rl_outcome</b> is plain outcome RL, "
+        f"<b>noise_ceiling</b> the agreement of two independent halves of the ideal's estimate.</p>"
+        f"<h2>Plots</h2>{figures}"
+        f"<h2>Questions</h2><p class=\"dim\">Rollouts coloured by their alignment for <b>{_esc(row or '–')}</b> "
+        f"(✓ correct, ✗ incorrect); open a question for its tokens.</p>"
+        f"<table class=\"questions\"><thead><tr><th>#</th><th class=\"l\">question</th><th class=\"l\">text</th>"
+        f"<th class=\"l\">answer</th><th class=\"l\">rollouts</th><th>scored tokens</th></tr></thead>"
+        f"<tbody>{''.join(question_rows)}</tbody></table>"
+        f"<h2>Files</h2><p>{' · '.join(files)}</p>"
+    )
+    return _page(f"gadiag · {run.task_label} · {run.name}", body)
+
+
+# ----------------------------------------------------------------------------
+# question pages
+
+
+def _node_data(record: dict, tau: float) -> dict:
+    """What the page script shows for one scored token."""
+    tokens = record.get("candidate_tokens") or [str(c) for c in record.get("candidates", [])]
+    q_hat = record.get("q_hat", [])
+    counts = record.get("counts", [])
+    probs = record.get("candidate_pi")
+    value = record.get("value")
+    candidates = []
+    for i, token in enumerate(tokens):
+        pi = probs[i] if probs and i < len(probs) else None
+        q = q_hat[i] if i < len(q_hat) else None
+        ideal = pi * (q - value) / tau if _finite(pi) and _finite(q) and _finite(value) else None
+        candidates.append([token, pi, q, counts[i] if i < len(counts) else None, ideal])
+    if any(c[4] is not None for c in candidates):
+        candidates.sort(key=lambda c: -(c[4] if c[4] is not None else -math.inf))
+    else:
+        candidates.sort(key=lambda c: -(c[2] if _finite(c[2]) else -math.inf))
+    return _clean(
+        {
+            "token": record.get("token", ""),
+            "token_id": record.get("token_id"),
+            "pi": record.get("pi_token"),
+            "pi_max": record.get("pi_max"),
+            "value": value,
+            "mass": record.get("covered_mass"),
+            "cands": candidates,
+            "cos": record.get("cos", {}),
+            "top": record.get("teacher_top", {}),
+        }
+    )
+
+
+def _rollout_section(run: Run, qid: str, rollout: dict, rows: list[str], row: str | None) -> tuple[str, dict]:
+    r = rollout["rollout"]
+    nodes = run.nodes(qid, r)
+    record = run.question_record(qid, r)
+    q_cos = record.get("question_cos", {})
+    tokens = rollout.get("tokens")
+    n_tokens = len(tokens) if tokens is not None else len(rollout.get("generated_ids", [])) or record.get("tokens", 0)
+
+    if tokens is not None:
+        spans = []
+        for t, token in enumerate(tokens):
+            node = nodes.get(t)
+            if node is None:
+                spans.append(f"<span class=\"tok\">{_esc(_visible(token))}</span>")
+                continue
+            value = node.get("cos", {}).get(row) if row else None
+            spans.append(
+                f"<span class=\"tok s{'' if _finite(value) else ' nan'}\" id=\"r{r}-n{t}\" data-r=\"{r}\" data-n=\"{t}\" "
+                f"style=\"background:{colour(value)}\">{_esc(_visible(token))}</span>"
+            )
+        text = f"<div class=\"text\">{''.join(spans)}</div>"
+    else:
+        text = (
+            f"<div class=\"text\">{_esc(rollout.get('text', ''))}</div>"
+            "<p class=\"dim\">This run did not record per-token strings (rollouts.jsonl has no <code>tokens</code>): "
+            "the text is shown uncoloured; the scored tokens are in the table below.</p>"
+        )
+
+    positions = sorted(nodes)
+    header = "".join(
+        f"<th class=\"tokh\" title=\"position {t}\">{_esc(_visible(nodes[t].get('token', '')).replace(chr(10), ''))}"
+        f"<br><span class=\"dim\">@{t}</span></th>"
+        for t in positions
+    )
+    lines = []
+    for name in rows:
+        cells = "".join(
+            f"<td class=\"cell\" data-r=\"{r}\" data-n=\"{t}\" style=\"background:{colour(v)}\">{_num(v, '{:+.2f}')}</td>"
+            for t in positions
+            for v in [nodes[t].get("cos", {}).get(name)]
+        )
+        selected = ' class="sel"' if name == row else ""
+        lines.append(
+            f"<tr data-row=\"{_esc(name)}\"{selected}><td class=\"l\">{_esc(name)}</td>"
+            f"<td style=\"background:{colour(q_cos.get(name))}\">{_num(q_cos.get(name))}</td>{cells}</tr>"
+        )
+    matrix = (
+        f"<table class=\"matrix\"><thead><tr><th class=\"l\">row</th><th title=\"alignment of the whole rollout\">rollout</th>"
+        f"{header}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+        if positions
+        else "<p class=\"dim\">No token of this rollout was scored.</p>"
+    )
+    skipped = record.get("skipped_teachers") or []
+    verdict = "✓ correct" if rollout.get("correct") else "✗ incorrect"
+    heading = (
+        f"<h2 id=\"r{r}\">Rollout {r} · {verdict} · {n_tokens} tokens, {len(nodes)} scored · "
+        f"this rollout's alignment <span class=\"chip qcos\" data-r=\"{r}\" "
+        f"style=\"background:{colour(q_cos.get(row) if row else None)}\">{_num(q_cos.get(row) if row else None)}</span></h2>"
+    )
+    note = f"<p class=\"dim\">Teachers skipped on this rollout: {_esc(', '.join(skipped))}</p>" if skipped else ""
+    body = (
+        f"<section class=\"rollout\">{heading}{note}{text}"
+        f"<details open><summary class=\"dim\">every row at the scored tokens</summary>{matrix}</details></section>"
+    )
+    data = {"qcos": _clean(q_cos), "nodes": {str(t): _node_data(nodes[t], run.temperature) for t in positions}}
+    return body, data
+
+
+SCRIPT = r"""
+(function () {
+  "use strict";
+  const DATA = JSON.parse(document.getElementById("data").textContent);
+  const select = document.getElementById("row");
+  const tip = document.getElementById("tip");
+  let pinned = null;
+  let hovered = null;
+
+  function colour(v) {
+    if (typeof v !== "number" || !isFinite(v)) return "transparent";
+    v = Math.max(-1, Math.min(1, v));
+    const rgb = v >= 0 ? "26,152,80" : "215,48,39";
+    return "rgba(" + rgb + "," + (0.08 + 0.72 * Math.abs(v)).toFixed(3) + ")";
+  }
+  function num(v, digits) {
+    if (typeof v !== "number" || !isFinite(v)) return "–";
+    const s = v.toFixed(digits === undefined ? 3 : digits);
+    return v >= 0 ? "+" + s : s;
+  }
+  function plain(v, digits) {
+    return (typeof v === "number" && isFinite(v)) ? v.toFixed(digits === undefined ? 3 : digits) : "–";
+  }
+  function esc(s) {
+    return String(s).replace(/[&<>"']/g, function (c) {
+      return {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c];
+    });
+  }
+  function shown(token) {
+    // quotes, backslashes and control characters escaped; a space made visible
+    return esc(JSON.stringify(String(token)).slice(1, -1).replace(/ /g, "\u2423"));
+  }
+  function nodeOf(el) {
+    const r = DATA.rollouts[el.dataset.r];
+    return r ? r.nodes[el.dataset.n] : undefined;
+  }
+
+  function recolour() {
+    const row = select.value;
+    document.querySelectorAll(".tok.s").forEach(function (el) {
+      const node = nodeOf(el);
+      const v = node ? node.cos[row] : undefined;
+      el.style.background = colour(v);
+      el.classList.toggle("nan", !(typeof v === "number" && isFinite(v)));
+    });
+    document.querySelectorAll(".qcos").forEach(function (el) {
+      const v = DATA.rollouts[el.dataset.r].qcos[row];
+      el.style.background = colour(v);
+      el.textContent = num(v);
+    });
+    document.querySelectorAll(".matrix tr[data-row]").forEach(function (tr) {
+      tr.classList.toggle("sel", tr.dataset.row === row);
+    });
+    const params = new URLSearchParams(window.location.search);
+    params.set("row", row);
+    try { history.replaceState(null, "", "?" + params.toString() + window.location.hash); } catch (e) { /* file: URLs may refuse */ }
+    document.querySelectorAll("a.keep-row").forEach(function (a) {
+      const base = a.getAttribute("href").split("?")[0].split("#")[0];
+      const hash = a.getAttribute("href").indexOf("#") >= 0 ? a.getAttribute("href").slice(a.getAttribute("href").indexOf("#")) : "";
+      a.setAttribute("href", base + "?row=" + encodeURIComponent(row) + hash);
+    });
+  }
+
+  function details(el) {
+    const node = nodeOf(el);
+    const row = select.value;
+    const teacher = row.split("/")[0];
+    const v = node.cos[row];
+    let h = "<div><code>" + shown(node.token) + "</code> at position " + esc(el.dataset.n) +
+      " of rollout " + esc(el.dataset.r) + "</div>";
+    h += "<div style='margin:4px 0'>" + esc(row) + " <span class='big' style='background:" + colour(v) + "'>" +
+      num(v) + "</span></div>";
+    h += "<div>π(token) " + plain(node.pi) + " · π max " + plain(node.pi_max) + " · V̂ " + plain(node.value) +
+      " · covered mass " + plain(node.mass, 2) + "</div>";
+    h += "<h4>ideal's candidates</h4><table><tr><th class='l'>token</th><th>π</th><th>Q̂</th><th>n</th><th>a*</th></tr>";
+    node.cands.forEach(function (c) {
+      const mine = c[0] === node.token ? " style='font-weight:700'" : "";
+      h += "<tr" + mine + "><td class='l'><code>" + shown(c[0]) + "</code></td><td>" + plain(c[1]) + "</td><td>" +
+        plain(c[2]) + "</td><td>" + (c[3] === null || c[3] === undefined ? "–" : esc(c[3])) + "</td><td>" + num(c[4]) + "</td></tr>";
+    });
+    h += "</table>";
+    const teachers = Object.keys(node.top || {});
+    if (teachers.length) {
+      h += "<h4>teachers' top tokens</h4><table>";
+      teachers.sort(function (a, b) { return (b === teacher) - (a === teacher); }).forEach(function (t) {
+        const cells = node.top[t].map(function (p) {
+          return "<code>" + shown(p[0]) + "</code> " + plain(p[1], 2);
+        }).join(" &nbsp; ");
+        h += "<tr" + (t === teacher ? " style='font-weight:700'" : "") + "><td class='l'>" + esc(t) +
+          "</td><td class='l'>" + cells + "</td></tr>";
+      });
+      h += "</table>";
+    } else {
+      h += "<h4>teachers' top tokens</h4><div class='dim'>not recorded in this run</div>";
+    }
+    h += "<h4>every row</h4><div>";
+    DATA.rows.forEach(function (name) {
+      h += "<span class='chip' style='background:" + colour(node.cos[name]) + (name === row ? ";font-weight:700" : "") +
+        "'>" + esc(name) + " " + num(node.cos[name], 2) + "</span>";
+    });
+    h += "</div>";
+    if (pinned) h += "<div class='dim' style='margin-top:6px'>pinned: Esc or click elsewhere to close</div>";
+    return h;
+  }
+
+  function place(x, y) {
+    const pad = 14, w = tip.offsetWidth, hgt = tip.offsetHeight;
+    let left = x + pad, top = y + pad;
+    if (left + w > window.innerWidth - 4) left = Math.max(4, x - w - pad);
+    if (top + hgt > window.innerHeight - 4) top = Math.max(4, y - hgt - pad);
+    tip.style.left = left + "px";
+    tip.style.top = top + "px";
+  }
+  function show(el, x, y) {
+    if (!nodeOf(el)) return;
+    hovered = el;
+    tip.innerHTML = details(el);
+    tip.hidden = false;
+    place(x, y);
+  }
+  function unpin() {
+    if (pinned) pinned.classList.remove("pinned");
+    pinned = null;
+    tip.classList.remove("pinned");
+    tip.hidden = true;
+  }
+  function pin(el) {
+    unpin();
+    pinned = el;
+    el.classList.add("pinned");
+    tip.classList.add("pinned");
+    const box = el.getBoundingClientRect();
+    show(el, box.left, box.bottom);
+  }
+
+  document.addEventListener("mouseover", function (e) {
+    const el = e.target.closest(".tok.s, .cell");
+    if (el && !pinned) show(el, e.clientX, e.clientY);
+  });
+  document.addEventListener("mousemove", function (e) {
+    if (!pinned && !tip.hidden && e.target.closest(".tok.s, .cell")) place(e.clientX, e.clientY);
+  });
+  document.addEventListener("mouseout", function (e) {
+    if (!pinned && e.target.closest(".tok.s, .cell")) tip.hidden = true;
+  });
+  document.addEventListener("click", function (e) {
+    const el = e.target.closest(".tok.s, .cell");
+    if (el) {
+      const target = document.getElementById("r" + el.dataset.r + "-n" + el.dataset.n) || el;
+      pin(target);
+      try { history.replaceState(null, "", window.location.search + "#r" + el.dataset.r + "-n" + el.dataset.n); } catch (err) { /* ignore */ }
+    } else if (!e.target.closest("#tip")) {
+      unpin();
+    }
+  });
+  document.addEventListener("keydown", function (e) { if (e.key === "Escape") unpin(); });
+  select.addEventListener("change", function () {
+    recolour();
+    if (pinned) pin(pinned);
+    else if (hovered && !tip.hidden) tip.innerHTML = details(hovered);
+  });
+
+  const wanted = new URLSearchParams(window.location.search).get("row");
+  if (wanted && DATA.rows.indexOf(wanted) >= 0) select.value = wanted;
+  recolour();
+  const m = /^#r(\d+)-n(\d+)$/.exec(window.location.hash);
+  if (m) {
+    const el = document.getElementById("r" + m[1] + "-n" + m[2]);
+    if (el) { el.scrollIntoView({block: "center"}); pin(el); }
+  }
+})();
+"""
+
+
+def _question_html(run: Run, qid: str, index: int, pages: dict[str, str], order: list[str]) -> str:
+    rows = run.rows()
+    row = run.default_row()
+    rollouts = run.rollouts_of(qid)
+    first = rollouts[0] if rollouts else {}
+    sections, data = [], {}
+    for rollout in rollouts:
+        section, rollout_data = _rollout_section(run, qid, rollout, rows, row)
+        sections.append(section)
+        data[str(rollout["rollout"])] = rollout_data
+
+    options = "".join(
+        f"<option value=\"{_esc(name)}\"{' selected' if name == row else ''}>{_esc(name)}</option>" for name in rows
+    )
+    legend = "".join(
+        f"<span style=\"background:{colour(v)}\">{v:+.1f}</span>" for v in (-1, -0.5, -0.2, 0.2, 0.5, 1)
+    )
+    prev_link = f"<a class=\"keep-row\" href=\"{_esc(pages[order[index - 1]])}\">← previous</a>" if index > 0 else ""
+    next_link = f"<a class=\"keep-row\" href=\"{_esc(pages[order[index + 1]])}\">next →</a>" if index + 1 < len(order) else ""
+    nav = " · ".join(
+        part
+        for part in (
+            "<a class=\"keep-row\" href=\"index.html\">leaderboard</a>",
+            f"question {index + 1} of {len(order)}",
+            prev_link,
+            next_link,
+        )
+        if part
+    )
+    question = ""
+    if first.get("question_text"):
+        question += f"<p><b>{_esc(first['question_text'])}</b></p>"
+    if first.get("answer") not in (None, ""):
+        question += f"<p class=\"sub\">reference answer: {_esc(first['answer'])}</p>"
+    body = (
+        f"<nav>{nav}</nav><h1>Question {_esc(qid)} <span class=\"sub\">· {_esc(run.task_label)}</span></h1>{question}"
+        f"<div class=\"controls\">colour by <select id=\"row\">{options}</select> "
+        f"<span class=\"legend\">hurts {legend} helps</span> "
+        f"<span class=\"dim\">· underlined tokens were scored (dotted: cosine undefined); the rest were screened out. "
+        f"Hover for details, click to pin.</span></div>"
+        + "".join(sections)
+        + "<div id=\"tip\" hidden></div>"
+    )
+    payload = {"rows": rows, "rollouts": data}
+    script = f"<script type=\"application/json\" id=\"data\">{_json_for_script(payload)}</script>\n<script>{SCRIPT}</script>"
+    return _page(f"gadiag · question {qid} · {run.name}", body, script)
+
+
+# ----------------------------------------------------------------------------
+
+
+def write_html_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report/ (index.html, a page per question, the PNG plots);
+    returns the path of index.html."""
+    from gadiag_core.plots import write_plots
+
+    run = load_run(run_dir)
+    folder = run.path / REPORT_DIR
+    folder.mkdir(exist_ok=True)
+    for stale in folder.glob("question-*.html"):
+        stale.unlink()
+    plots = [p.name for p in write_plots(run, folder)]
+    order = run.question_ids()
+    taken: set[str] = set()
+    pages = {qid: page_name(qid, taken) for qid in order}
+    for index, qid in enumerate(order):
+        (folder / pages[qid]).write_text(_question_html(run, qid, index, pages, order), encoding="utf-8")
+    index_path = folder / "index.html"
+    index_path.write_text(_index_html(run, pages, plots), encoding="utf-8")
+    return index_path

@@ -1,0 +1,263 @@
+"""Reading a run directory's records, and storing them as Parquet.
+
+`load_run(path)` reads what `report`, `show` and the HTML report need from a
+run directory (see `gadiag_core.rundir`), finished or not: without
+summary.json (an interrupted run) the summary is rebuilt from the records,
+and without tokens.jsonl / questions.jsonl the per-rollout units are read.
+Nothing here imports torch, so these commands start quickly.
+
+Parquet (`write_parquet(run_dir)`)
+----------------------------------
+Next to each JSONL file a Parquet file with one row per line:
+
+    tokens.parquet     one row per scored node
+    questions.parquet  one row per diagnosed rollout
+    rollouts.parquet   one row per student rollout
+
+Both pandas and `datasets` read them directly::
+
+    pandas.read_parquet("RUN/tokens.parquet")
+    datasets.load_dataset("parquet", data_files="RUN/tokens.parquet")["train"]
+
+Flattening. A field whose value is a mapping becomes one column per key,
+named ``FIELD.KEY``; the key keeps its own slashes. So the per-row cosines
+``cos: {"solution/reverse_kl": 0.2, ...}`` become float columns
+``cos.solution/reverse_kl``, ``cos.rl_outcome``, … (null where the cosine is
+undefined), ``question_cos`` and ``budget`` likewise, and the teachers' top
+tokens ``teacher_top: {"solution": [[token, prob], ...]}`` become columns
+``teacher_top.solution`` of type list<struct<token: string, prob: double>>.
+Lists (candidates, q_hat, generated_ids, tokens, …) stay list columns. A key
+missing from some lines is null there. Select such columns by their full name
+(``df["cos.solution/reverse_kl"]``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gadiag_core.alignment import REFERENCE_ROWS, aggregate
+from gadiag_core.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECORD_FILES = ("tokens", "questions", "rollouts")
+
+
+# ----------------------------------------------------------------------------
+# Reading a run
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class Run:
+    """One run directory's records (see `load_run`)."""
+
+    path: Path
+    config: dict
+    summary: dict
+    rollouts: list[dict]
+    questions: list[dict]
+    tokens: list[dict]
+    finished: bool = True
+    _nodes: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def task_label(self) -> str:
+        version = self.summary.get("task_version")
+        return f"{self.summary.get('task', '?')}" + (f" v{version}" if version not in (None, "", "?") else "")
+
+    @property
+    def temperature(self) -> float:
+        return float(self.config.get("student", {}).get("temperature", 1.0) or 1.0)
+
+    def rows(self) -> list[str]:
+        """Row names in leaderboard order: teacher rows best first, then the reference rows."""
+        rows = self.summary.get("rows", {})
+
+        def best_first(name):
+            value = rows[name].get("mean_all")
+            return -value if _finite(value) else math.inf
+
+        teacher_rows = sorted((name for name in rows if name not in REFERENCE_ROWS), key=best_first)
+        return teacher_rows + [name for name in REFERENCE_ROWS if name in rows]
+
+    def default_row(self) -> str | None:
+        """The row shown first: the leaderboard's top teacher row (or any row)."""
+        rows = self.rows()
+        return rows[0] if rows else None
+
+    def question_ids(self) -> list[str]:
+        """Question ids in run order (from the rollouts, else from the records)."""
+        ids = [r["question"] for r in self.rollouts] or [r["question"] for r in self.questions]
+        return list(dict.fromkeys(ids))
+
+    def rollouts_of(self, question: str) -> list[dict]:
+        """The question's rollouts (rollouts.jsonl lines, or the diagnosed-rollout
+        records when rollouts.jsonl is missing)."""
+        found = [r for r in self.rollouts if r["question"] == question]
+        return found or [r for r in self.questions if r["question"] == question]
+
+    def question_record(self, question: str, rollout: int) -> dict:
+        for record in self.questions:
+            if record["question"] == question and record["rollout"] == rollout:
+                return record
+        return {}
+
+    def nodes(self, question: str, rollout: int) -> dict[int, dict]:
+        """The scored nodes of one rollout: position -> token record."""
+        if not self._nodes:
+            for record in self.tokens:
+                self._nodes.setdefault((record["question"], record["rollout"]), {})[record["node"]] = record
+        return self._nodes.get((question, rollout), {})
+
+    def resolve_question(self, spec: str) -> str:
+        """A question id, or its 0-based index in the run."""
+        ids = self.question_ids()
+        if spec in ids:
+            return spec
+        try:
+            index = int(spec)
+        except ValueError:
+            index = None
+        if index is not None and 0 <= index < len(ids):
+            return ids[index]
+        shown = ", ".join(ids[:8]) + (", …" if len(ids) > 8 else "")
+        raise UsageError(
+            f"no question {spec!r} in {self.path}: give a question id or an index 0..{len(ids) - 1} ({shown})"
+            if ids
+            else f"no question {spec!r} in {self.path}: the run has no rollouts yet"
+        )
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory. UsageError (one line) when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"run directory {path} not found")
+    config_path, summary_path = path / "config.toml", path / "summary.json"
+    if not config_path.is_file() and not summary_path.is_file():
+        raise UsageError(f"{path} is not a run directory (no config.toml or summary.json)")
+    try:
+        config = tomllib.loads(config_path.read_text()) if config_path.is_file() else {}
+        rollouts = _read_jsonl(path / "rollouts.jsonl")
+        questions = _read_jsonl(path / "questions.jsonl")
+        tokens = _read_jsonl(path / "tokens.jsonl")
+        if not questions and (path / "units").is_dir():
+            # An unfinished run: the diagnosed rollouts are in units/.
+            for unit_path in sorted((path / "units").glob("*.json")):
+                unit = json.loads(unit_path.read_text())
+                questions.append(unit["rollout"])
+                tokens.extend(unit["tokens"])
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    except (ValueError, KeyError, OSError) as exc:
+        raise UsageError(f"cannot read run directory {path}: {exc}") from None
+    finished = summary is not None
+    if summary is None:
+        summary = rebuild_summary(config, rollouts, questions, tokens)
+    return Run(path, config, summary, rollouts, questions, tokens, finished)
+
+
+def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], tokens: list[dict]) -> dict:
+    """The summary of an unfinished run, from its config and the records so far."""
+    run, student = config.get("run", {}), config.get("student", {})
+    budget: dict[str, float] = {}
+    for record in questions:
+        for key, value in record.get("budget", {}).items():
+            budget[key] = budget.get(key, 0) + value
+    masses = [r["covered_mass"] for r in tokens if _finite(r.get("covered_mass"))]
+    budget["mean_covered_mass"] = sum(masses) / len(masses) if masses else None
+    diagnosed = rollouts or questions
+    correct = sum(bool(r.get("correct")) for r in diagnosed)
+    return {
+        "task": run.get("task", "?"),
+        "task_version": "?",
+        "student": student.get("model", "?"),
+        "space": run.get("space", "?"),
+        "estimator": config.get("estimator", {}).get("name", "?"),
+        "sampler": config.get("sampler", {}).get("name", "?"),
+        "questions": len({r["question"] for r in diagnosed}),
+        "rollouts": len(diagnosed),
+        "rollouts_correct": correct,
+        "accuracy": correct / len(diagnosed) if diagnosed else None,
+        "budget": budget,
+        "rows": aggregate(tokens, questions),
+        "rollouts_diagnosed": len(questions),
+        "partial": True,
+    }
+
+
+# ----------------------------------------------------------------------------
+# Parquet
+
+
+def _flatten(record: dict) -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            for sub, item in value.items():
+                if key == "teacher_top":
+                    item = [{"token": str(pair[0]), "prob": float(pair[1])} for pair in item]
+                flat[f"{key}.{sub}"] = item
+        else:
+            flat[key] = value
+    return flat
+
+
+def records_table(records: list[dict]):
+    """A pyarrow Table of JSON records, flattened as the module docstring says."""
+    import pyarrow as pa
+
+    rows = [_flatten(r) for r in records]
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        if name.startswith(("cos.", "question_cos.")):
+            array = pa.array([float(v) if _finite(v) else None for v in values], type=pa.float64())
+        elif name.startswith("teacher_top."):
+            array = pa.array(values, type=pa.list_(pa.struct([("token", pa.string()), ("prob", pa.float64())])))
+        else:
+            try:
+                array = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep the JSON text
+                array = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
+            if pa.types.is_null(array.type):  # all null: a float column reads more usefully
+                array = array.cast(pa.float64())
+        columns[name] = array
+    return pa.table(columns) if columns else pa.table({})
+
+
+def write_parquet(run_dir: str | Path) -> list[Path]:
+    """Write tokens/questions/rollouts.parquet from the run's JSONL records
+    (or its units, for an unfinished run); returns the files written."""
+    import pyarrow.parquet as pq
+
+    run = load_run(run_dir)
+    written = []
+    for name, records in (("tokens", run.tokens), ("questions", run.questions), ("rollouts", run.rollouts)):
+        target = run.path / f"{name}.parquet"
+        temp = target.with_name(target.name + ".tmp")
+        pq.write_table(records_table(records), temp)
+        temp.replace(target)
+        written.append(target)
+    return written

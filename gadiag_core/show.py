@@ -1,0 +1,222 @@
+"""`gadiag-harness show RUN_DIR --question N [--rollout R] [--teacher T]`.
+
+A rollout's tokens in the terminal, each scored token's background coloured by
+its alignment for one row (green helps, red hurts, stronger with |cos|;
+unscored tokens, screened out, are left plain), then a table of the scored
+tokens: cosine, π of the token, V̂, the ideal's top candidates with their Q̂
+(ordered by a* = π(Q̂ − V̂)/τ when the run recorded the candidates' π, else by
+Q̂), and the teacher's own top tokens when recorded.
+
+    --question N   a question id (L1-0000) or its index in the run (0, 1, …)
+    --rollout R    one rollout of it (default: all of them)
+    --teacher T    a row (solution/reverse_kl, rl_outcome) or a teacher name
+                   (then --objective, default the run's first objective);
+                   default: the leaderboard's top row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gadiag_core.alignment import REFERENCE_ROWS
+from gadiag_core.errors import UsageError, did_you_mean
+from gadiag_core.records import Run, load_run
+
+TOP_CANDIDATES = 4
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see gadiag-harness show --help)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gadiag-harness show", description="A rollout's tokens coloured by their alignment with the ideal gradient.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--question", required=True, metavar="N", help="question id, or its 0-based index in the run")
+    p.add_argument("--rollout", type=int, metavar="R", help="only this rollout (default: every rollout of the question)")
+    p.add_argument("--teacher", metavar="T", help="row to colour by: TEACHER/OBJECTIVE, a reference row, or a teacher name")
+    p.add_argument("--objective", metavar="O", help="objective for a bare --teacher name (default: the run's first)")
+    return p
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _num(value, fmt="{:+.3f}") -> str:
+    return fmt.format(value) if _finite(value) else "–"
+
+
+def quoted(token: str) -> str:
+    """A token shown unambiguously: quotes, escapes for newlines and the like."""
+    return "'" + json.dumps(str(token), ensure_ascii=False)[1:-1] + "'"
+
+
+def style_for(value) -> str:
+    """Rich style of a scored token: background from grey (cos 0) to green (+1) or red (−1)."""
+    if not _finite(value):
+        return "underline"
+    v = max(-1.0, min(1.0, float(value)))
+    target = (26, 152, 80) if v >= 0 else (215, 48, 39)
+    w = 0.25 + 0.75 * abs(v)
+    r, g, b = (round(80 + (c - 80) * w) for c in target)
+    return f"bold white on rgb({r},{g},{b})"
+
+
+def resolve_row(run: Run, teacher: str | None, objective: str | None) -> str | None:
+    """The row to colour by; None when nothing was scored and none was asked for."""
+    rows = run.rows()
+    if not rows:
+        if teacher or objective:
+            raise UsageError(f"{run.path} has no scored tokens yet, so no row {teacher or objective!r}")
+        return None
+    if teacher is None:
+        if objective:
+            matching = [r for r in rows if r.partition("/")[2] == objective]
+            if not matching:
+                raise UsageError(f"no row with objective {objective!r} in {run.path}.{did_you_mean(objective, {r.partition('/')[2] for r in rows})}")
+            return matching[0]
+        return rows[0]
+    if teacher in rows:
+        return teacher
+    objectives = (
+        run.summary.get("objectives")
+        or run.config.get("run", {}).get("objectives")
+        or sorted({r.partition("/")[2] for r in rows if "/" in r})
+    )
+    if objective:
+        objectives = [objective]
+    for candidate in objectives:
+        if f"{teacher}/{candidate}" in rows:
+            return f"{teacher}/{candidate}"
+    teachers = sorted({r.partition("/")[0] for r in rows})
+    raise UsageError(
+        f"no row {teacher!r}{f' with objective {objective!r}' if objective else ''} in {run.path}."
+        f"{did_you_mean(teacher, rows + teachers)} Rows: {', '.join(rows)}"
+    )
+
+
+def ideal_candidates(record: dict, tau: float) -> list[tuple[str, float | None, float | None, int | None, float | None]]:
+    """(token, π, Q̂, count, a*) per candidate, the ideal's favourites first."""
+    tokens = record.get("candidate_tokens") or [str(c) for c in record.get("candidates", [])]
+    q_hat, counts, probs = record.get("q_hat", []), record.get("counts", []), record.get("candidate_pi")
+    value = record.get("value")
+    out = []
+    for i, token in enumerate(tokens):
+        pi = probs[i] if probs and i < len(probs) else None
+        q = q_hat[i] if i < len(q_hat) else None
+        ideal = pi * (q - value) / tau if _finite(pi) and _finite(q) and _finite(value) else None
+        out.append((token, pi, q, counts[i] if i < len(counts) else None, ideal))
+    if any(c[4] is not None for c in out):
+        out.sort(key=lambda c: -(c[4] if c[4] is not None else -math.inf))
+    else:
+        out.sort(key=lambda c: -(c[2] if _finite(c[2]) else -math.inf))
+    return out
+
+
+def rollout_text(run: Run, question: str, rollout: dict, row: str | None) -> Text:
+    nodes = run.nodes(question, rollout["rollout"])
+    tokens = rollout.get("tokens")
+    if tokens is None:
+        return Text(str(rollout.get("text", "")))
+    text = Text()
+    for position, token in enumerate(tokens):
+        node = nodes.get(position)
+        if node is None:
+            text.append(token)
+        else:
+            # A scored newline still needs a visible cell to carry its colour.
+            shown = token.replace("\n", "↵\n") if token else "∅"
+            text.append(shown, style=style_for(node.get("cos", {}).get(row)))
+    return text
+
+
+def nodes_table(run: Run, question: str, rollout: int, row: str) -> Table:
+    teacher = row.partition("/")[0] if row not in REFERENCE_ROWS else None
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("pos", justify="right")
+    table.add_column("token")
+    table.add_column("cos", justify="right")
+    table.add_column("π", justify="right")
+    table.add_column("V̂", justify="right")
+    table.add_column("ideal's candidates\nQ̂" + (" (a*)" if any("candidate_pi" in n for n in run.tokens) else ""))
+    if teacher:
+        table.add_column(f"{teacher}'s\ntop tokens")
+    for position, record in sorted(run.nodes(question, rollout).items()):
+        value = record.get("cos", {}).get(row)
+        candidates = ideal_candidates(record, run.temperature)
+        listed = "\n".join(
+            f"{quoted(token)} {_num(q, '{:.2f}')}" + (f" ({_num(a, '{:+.3f}')})" if a is not None else "")
+            for token, _, q, _, a in candidates[:TOP_CANDIDATES]
+        )
+        if len(candidates) > TOP_CANDIDATES:
+            listed += f"\n… {len(candidates) - TOP_CANDIDATES} more"
+        cells = [
+            str(position),
+            quoted(record.get("token", "")),
+            Text(_num(value), style=style_for(value) if _finite(value) else "dim"),
+            _num(record.get("pi_token"), "{:.3f}"),
+            _num(record.get("value"), "{:.3f}"),
+            listed,
+        ]
+        if teacher:
+            top = (record.get("teacher_top") or {}).get(teacher)
+            cells.append("\n".join(f"{quoted(t)} {_num(p, '{:.2f}')}" for t, p in top) if top else Text("not recorded", style="dim"))
+        table.add_row(*cells)
+    return table
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    run = load_run(args.run_dir)
+    question = run.resolve_question(args.question)
+    row = resolve_row(run, args.teacher, args.objective)
+    rollouts = run.rollouts_of(question)
+    if args.rollout is not None:
+        rollouts = [r for r in rollouts if r["rollout"] == args.rollout]
+        if not rollouts:
+            known = ", ".join(str(r["rollout"]) for r in run.rollouts_of(question))
+            raise UsageError(f"question {question} has no rollout {args.rollout} (rollouts: {known})")
+
+    console = Console(highlight=False)
+    first = run.rollouts_of(question)[0]
+    console.print(f"[bold]question {question}[/bold] · {run.task_label} · {run.path}")
+    if first.get("question_text"):
+        console.print(f"  {first['question_text']}" + (f"   [dim](reference answer {first['answer']})[/dim]" if first.get("answer") not in (None, "") else ""))
+    legend = Text("colour: ")
+    legend.append(row or "(nothing scored)", style="bold")
+    legend.append("  ")
+    for v in (-1.0, -0.5, 0.0, 0.5, 1.0):
+        legend.append(f" {v:+.1f} ", style=style_for(v))
+    legend.append("  red hurts, green helps; plain tokens were not scored")
+    console.print(legend)
+    for rollout in rollouts:
+        r = rollout["rollout"]
+        nodes = run.nodes(question, r)
+        record = run.question_record(question, r)
+        n_tokens = len(rollout["tokens"]) if "tokens" in rollout else len(rollout.get("generated_ids", []))
+        verdict = "[green]✓ correct[/green]" if rollout.get("correct") else "[red]✗ incorrect[/red]"
+        console.rule(
+            f"rollout {r} · {verdict} · {n_tokens} tokens, {len(nodes)} scored · "
+            f"rollout alignment {_num(record.get('question_cos', {}).get(row))}",
+            align="left",
+        )
+        console.print(rollout_text(run, question, rollout, row))
+        if "tokens" not in rollout:
+            console.print("[dim](this run did not record per-token strings; the scored tokens are listed below)[/dim]")
+        console.print()
+        if nodes:
+            console.print(nodes_table(run, question, r, row))
+        elif not record:
+            console.print("[dim]this rollout has not been diagnosed yet (unfinished run)[/dim]")
+        else:
+            console.print("[dim]no token of this rollout was scored[/dim]")
+        console.print()
+    return 0
