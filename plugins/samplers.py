@@ -11,6 +11,7 @@ temperature 0 means greedy.
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import torch
 
@@ -30,6 +31,40 @@ def _draw(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> t
     cdf[:, -1] = 1.0  # guard against rounding leaving the last bin short of 1
     ids = torch.searchsorted(cdf, uniforms.double().unsqueeze(-1)).squeeze(-1)
     return ids.clamp(max=logits.shape[-1] - 1)
+
+
+_BLOCK = 256
+
+
+def _draw_fast(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """`_draw` without a full-vocabulary float64 softmax and cumsum.
+
+    The same inverse CDF, in two levels: a float32 softmax, its sums over
+    blocks of 256 tokens, a float64 cumsum over the blocks to find the block
+    where each row's u falls, then a float64 cumsum inside that block alone
+    for the token. Probabilities carry float32 rounding (~1e-6 relative),
+    far below any Monte-Carlo noise. Row by row: a row's token does not depend
+    on the other rows."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    rows, width = logits.shape
+    z = logits.float()
+    probs = torch.softmax(z if temperature == 1 else z / temperature, dim=-1)
+    blocks = -(-width // _BLOCK)
+    if blocks * _BLOCK != width:
+        probs = torch.nn.functional.pad(probs, (0, blocks * _BLOCK - width))
+    probs = probs.view(rows, blocks, _BLOCK)
+    mass = probs.sum(-1).double()  # [rows, blocks]
+    block_cdf = mass.cumsum(-1)
+    target = uniforms.to(torch.float64).unsqueeze(-1) * block_cdf[:, -1:]  # [rows, 1]
+    block = torch.searchsorted(block_cdf, target).clamp_(max=blocks - 1)  # [rows, 1]
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    inside = probs.gather(1, block.unsqueeze(-1).expand(rows, 1, _BLOCK)).squeeze(1).double().cumsum_(-1)
+    share = mass.gather(-1, block)
+    # Where u falls inside the block, as a share of the block's own cumsum.
+    within = torch.where(share > 0, (target - before) / share.clamp(min=1e-300), torch.zeros_like(target)) * inside[:, -1:]
+    offset = torch.searchsorted(inside, within).clamp_(max=_BLOCK - 1)
+    return (block * _BLOCK + offset).squeeze(-1).clamp_(max=width - 1)
 
 
 def cache_keyword(model) -> str:
@@ -123,6 +158,551 @@ class BatchedSampler(RolloutSampler):
         return outputs
 
 
+# ----------------------------------------------------------------------------
+# The prefix-sharing sampler
+
+
+_RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+_HEAD_CHUNK = 1024  # output-head rows per matmul: ~15% faster than one big product on CPU
+
+
+def _norm_fn(module):
+    """A plain RMSNorm as one fused call (same arithmetic), else the module."""
+    eps = getattr(module, "variance_epsilon", None)
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ in _RMS_NORMS and eps is not None and weight is not None and weight.dtype == torch.float32:
+        shape = (weight.shape[-1],)
+        return lambda x: torch.nn.functional.rms_norm(x, shape, weight, eps)
+    return module
+
+
+class _Arch:
+    """The parts of a Llama-like decoder the prefix sampler drives by hand.
+
+    Llama, Qwen2 and Qwen3 (q/k norms) share this layout: token embedding,
+    rotary embedding, pre-norm blocks of grouped-query attention and a gated
+    MLP, a final norm and an output head. The model's own modules and weights
+    do the work; the q/k/v projections are fused into one matmul per layer
+    (weights concatenated once per `sample` call) and the attention step is
+    done here."""
+
+    SUPPORTED = {"llama", "qwen2", "qwen3"}
+
+    def __init__(self, model):
+        config = model.config
+        base = self.base = model.model
+        self.embed = base.embed_tokens
+        self.rotary = base.rotary_emb
+        self.layers = list(base.layers)
+        self.norm = _norm_fn(base.norm)
+        self.head = model.lm_head
+        attn = self.layers[0].self_attn
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // self.heads)
+        self.rep = self.heads // self.kv_heads
+        self.scaling = float(getattr(attn, "scaling", self.head_dim**-0.5))
+        self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.blocks = None
+
+    @classmethod
+    def of(cls, model) -> Optional["_Arch"]:
+        """The architecture, or None when this model is not one the sampler
+        knows how to drive (the caller then falls back to the batched path)."""
+        config = getattr(model, "config", None)
+        if config is None or getattr(config, "model_type", None) not in cls.SUPPORTED:
+            return None
+        if getattr(config, "model_type", None) != "llama" and getattr(config, "use_sliding_window", False):
+            return None
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            return None
+        try:
+            arch = cls(model)
+            for layer in arch.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                    if not isinstance(proj, torch.nn.Linear):
+                        return None
+                layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+            if not isinstance(arch.head, torch.nn.Linear):
+                return None
+        except (AttributeError, StopIteration, TypeError):
+            return None
+        if arch.heads % arch.kv_heads or arch.head_dim % 2:
+            return None
+        return arch
+
+    def prepare(self) -> None:
+        """Per-layer (norm, fused qkv weight, bias, attention, norm, mlp)."""
+        if self.blocks is not None:
+            return
+        blocks = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+            weight = torch.cat([p.weight for p in projs]).detach()
+            if all(p.bias is None for p in projs):
+                bias = None
+            else:
+                bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=p.weight.dtype, device=p.weight.device) for p in projs]).detach()
+            blocks.append((_norm_fn(layer.input_layernorm), weight, bias, attn, _norm_fn(layer.post_attention_layernorm), layer.mlp))
+        self.blocks = blocks
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output head [B, D] -> [B, V] float32, in row chunks of the weight."""
+        weight, bias = self.head.weight, self.head.bias
+        if h.device.type != "cpu":
+            return torch.nn.functional.linear(h, weight, bias).float()
+        out = torch.empty((h.shape[0], weight.shape[0]), dtype=h.dtype, device=h.device)
+        for start in range(0, weight.shape[0], _HEAD_CHUNK):
+            stop = min(start + _HEAD_CHUNK, weight.shape[0])
+            torch.mm(h, weight[start:stop].t(), out=out[:, start:stop])
+        if bias is not None:
+            out += bias
+        return out.float()
+
+    def kv_bytes_per_token(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return len(self.layers) * 2 * self.kv_heads * self.head_dim * element
+
+
+class _Layout:
+    """Where each decoding row finds its shared prefix.
+
+    Rows are sorted by root (the longest prefix their prefix is the start of).
+    For the prefix part of attention the queries of one root's rows are packed
+    into a [R, KV, slots * rep, d] block, so every root is one matmul against
+    its cached keys [R, KV, P, d] (never replicated per row). `gather` packs
+    rows into slots, `scatter` brings slot results back to rows, and `mask`
+    hides key positions past a row's own prefix (nested prefixes of one root,
+    and roots shorter than the longest)."""
+
+    def __init__(self, root_of_row: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device):
+        roots = sorted(set(root_of_row))
+        self.roots = roots
+        local = {r: i for i, r in enumerate(roots)}
+        counts = [0] * len(roots)
+        slot_of_row = []
+        for r in root_of_row:
+            i = local[r]
+            slot_of_row.append((i, counts[i]))
+            counts[i] += 1
+        self.slots = max(counts)
+        n_slots = len(roots) * self.slots
+        gather = [0] * n_slots
+        lengths = [width] * n_slots  # empty slots see every key: no all-masked rows
+        scatter = []
+        for row, ((i, j), plen) in enumerate(zip(slot_of_row, plen_of_row)):
+            flat = i * self.slots + j
+            gather[flat] = row
+            lengths[flat] = plen
+            scatter.append(flat)
+        self.gather = torch.tensor(gather, dtype=torch.long, device=device)
+        self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
+        self.identity = len(roots) == 1  # one root: slot j is row j
+        if all(n == width for n in lengths):
+            self.mask = None
+        else:
+            length = torch.tensor(lengths, device=device).view(len(roots), self.slots, 1, 1)
+            hidden = torch.arange(width, device=device).view(1, 1, 1, width) >= length
+            hidden = hidden.expand(len(roots), self.slots, rep, width).reshape(len(roots), 1, self.slots * rep, width)
+            self.mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+
+
+class PrefixSampler(RolloutSampler):
+    """Prefix-sharing batched sampler (the default).
+
+    1. Requests are grouped by prefix. A prefix that is the start of a longer
+       one (the nodes of one rollout) is served by the longer one's KV cache:
+       each distinct *root* prefix is encoded once, with logits only at the
+       positions where some request starts sampling.
+    2. Continuations are decoded together, up to `batch_size` rows. Attention
+       is split into the shared prefix part (one matmul per layer for all the
+       rows of a root against the root's cache, never copied per row) and each
+       row's own generated part (a preallocated cache, no per-step growth);
+       the two are merged with their log-sum-exps.
+    3. Only the last position goes through the output head. Rows stop on their
+       own at EOS, at max_new_tokens, or at a stop string; finished rows are
+       dropped from the batch so late steps get cheaper.
+    4. Each request draws its uniforms from its own generator seeded with its
+       seed (the same stream as the `batched` sampler): a row's tokens depend
+       on its request alone, not on batching (up to float rounding).
+
+    Options:
+      batch_size:    most rows decoded together
+      threads:       torch threads while sampling (None: leave torch's setting)
+      stop_strings:  a row also stops once its generated text contains one of
+                     these (the token that completes it is kept)
+      max_cache_mb:  memory cap for one batch's KV caches (splits batches)
+      prefill_tokens: most (padded) prefix tokens encoded in one forward pass
+
+    Models other than Llama/Qwen2/Qwen3-style decoders fall back to the
+    `batched` sampler's code path (same seeds, same results up to rounding)."""
+
+    name = "prefix"
+    description = "prefix-sharing batched sampler: each shared prefix encoded once, rows stop independently"
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        threads: Optional[int] = None,
+        stop_strings: Optional[list[str]] = None,
+        max_cache_mb: float = 2048,
+        prefill_tokens: int = 4096,
+    ):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if threads is not None and threads < 1:
+            raise ValueError("threads must be >= 1")
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        self.batch_size = int(batch_size)
+        self.threads = threads
+        self.stop_strings = [s for s in (stop_strings or []) if s]
+        self.max_cache_mb = float(max_cache_mb)
+        self.prefill_tokens = int(prefill_tokens)
+        # Counts every generated position, forced ones included (budget accounting).
+        self.tokens_generated = 0
+        self.prefix_tokens_encoded = 0
+
+    # -- entry point ---------------------------------------------------------
+
+    def sample(self, lm: CausalLM, requests: list[ContinuationRequest], temperature: float) -> list[list[int]]:
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        saved = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                return self._sample(lm, requests, float(temperature))
+        finally:
+            if self.threads is not None:
+                torch.set_num_threads(saved)
+
+    def _sample(self, lm: CausalLM, requests: list[ContinuationRequest], temperature: float) -> list[list[int]]:
+        results: list[list[int]] = [[] for _ in requests]
+        live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        if not live:
+            return results
+        if any(len(requests[i].prefix_ids) == 0 for i in live):
+            raise ValueError("every request needs a non-empty prefix")
+        arch = _Arch.of(lm.model)
+        if arch is not None:
+            arch.prepare()
+        if arch is None:
+            fallback = BatchedSampler(batch_size=self.batch_size)
+            outs = fallback.sample(lm, [requests[i] for i in live], temperature)
+            self.tokens_generated += fallback.tokens_generated
+            for i, out in zip(live, outs):
+                results[i] = self._cut_at_stop(lm, out)
+            return results
+
+        # Distinct prefixes, then roots: a prefix that starts a longer one
+        # reuses the longer one's cache.
+        prefixes = sorted({tuple(int(t) for t in requests[i].prefix_ids) for i in live}, key=len, reverse=True)
+        roots: list[tuple[int, ...]] = []
+        root_of_prefix: dict[tuple[int, ...], int] = {}
+        for p in prefixes:
+            for r, root in enumerate(roots):
+                if root[: len(p)] == p:
+                    root_of_prefix[p] = r
+                    break
+            else:
+                root_of_prefix[p] = len(roots)
+                roots.append(p)
+        rows = []  # (root, prefix length, request index)
+        for i in live:
+            p = tuple(int(t) for t in requests[i].prefix_ids)
+            rows.append((root_of_prefix[p], len(p), i))
+        rows.sort()
+        # Positions whose logits some request samples its first token from.
+        need: dict[int, set[int]] = {}
+        for r, plen, i in rows:
+            need.setdefault(r, set()).add(plen - 1)
+
+        chunks = self._chunks(arch, rows, requests)
+        last_chunk = {}
+        for c, chunk in enumerate(chunks):
+            for r, _, _ in chunk:
+                last_chunk[r] = c
+        encoded: dict[int, tuple] = {}
+        for c, chunk in enumerate(chunks):
+            missing = sorted({r for r, _, _ in chunk} - set(encoded))
+            encoded.update(self._encode(lm, arch, {r: roots[r] for r in missing}, need))
+            outs = self._decode(lm, arch, chunk, requests, encoded, temperature)
+            for (_, _, i), out in zip(chunk, outs):
+                results[i] = out
+            for r in [r for r in encoded if last_chunk[r] == c]:
+                del encoded[r]
+        return results
+
+    # -- planning ------------------------------------------------------------
+
+    def _chunks(self, arch: _Arch, rows: list[tuple], requests) -> list[list[tuple]]:
+        """Split the sorted rows into decode batches of about equal size, at
+        most batch_size rows and within max_cache_mb of KV cache each."""
+        n = len(rows)
+        count = -(-n // self.batch_size)
+        size = -(-n // count)
+        per_token = arch.kv_bytes_per_token()
+        budget = self.max_cache_mb * 2**20
+        chunks, current = [], []
+        for row in rows:
+            trial = current + [row]
+            roots = {r for r, _, _ in trial}
+            width = max(plen for _, plen, _ in trial)
+            steps = max(requests[i].max_new_tokens for _, _, i in trial)
+            need = (len(roots) * width + len(trial) * steps) * per_token
+            if current and (len(current) >= size or need > budget):
+                chunks.append(current)
+                current = [row]
+            else:
+                current = trial
+        if current:
+            chunks.append(current)
+        return chunks
+
+    # -- the shared prefix ---------------------------------------------------
+
+    def _encode(self, lm: CausalLM, arch: _Arch, roots: dict[int, tuple[int, ...]], need: dict[int, set[int]]) -> dict[int, tuple]:
+        """Encode root prefixes, several per forward pass (right-padded:
+        causal attention keeps padding out of every real position). Returns
+        root -> (per-layer (keys, values) [KV, P, d], {position: logits [V]})
+        with logits only at the positions in need[root]."""
+        out: dict[int, tuple] = {}
+        order = sorted(roots, key=lambda r: len(roots[r]))
+        group: list[int] = []
+        for r in order + [None]:
+            if r is not None and (not group or (len(group) + 1) * len(roots[r]) <= self.prefill_tokens):
+                group.append(r)
+                continue
+            if group:
+                out.update(self._encode_group(lm, arch, [(g, roots[g], sorted(need[g])) for g in group]))
+            group = [r] if r is not None else []
+        return out
+
+    def _encode_group(self, lm: CausalLM, arch: _Arch, items: list[tuple]) -> dict[int, tuple]:
+        width = max(len(root) for _, root, _ in items)
+        pad = int(items[0][1][0])  # any id: real positions never attend to the padding
+        ids = torch.full((len(items), width), pad, dtype=torch.long, device=arch.device)
+        for row, (_, root, _) in enumerate(items):
+            ids[row, : len(root)] = torch.tensor(root, dtype=torch.long)
+        result = arch.base(input_ids=ids, use_cache=True)
+        hidden = result.last_hidden_state  # final norm applied
+        rows = torch.tensor([row for row, (_, _, pos) in enumerate(items) for _ in pos], device=arch.device)
+        cols = torch.tensor([p for _, _, pos in items for p in pos], device=arch.device)
+        logits = arch.head_logits(hidden[rows, cols])
+        cache = returned_cache(result)
+        if hasattr(cache, "layers"):
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+        else:  # legacy tuple-of-tuples caches
+            layers = [(k, v) for k, v in cache]
+        out, j = {}, 0
+        for row, (r, root, pos) in enumerate(items):
+            n = len(root)
+            kv = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
+            out[r] = (kv, {p: logits[j + i] for i, p in enumerate(pos)})
+            j += len(pos)
+            self.prefix_tokens_encoded += n
+        return out
+
+    # -- decoding ------------------------------------------------------------
+
+    def _decode(self, lm, arch: _Arch, chunk: list[tuple], requests, encoded: dict, temperature: float) -> list[list[int]]:
+        device = arch.device
+        B = len(chunk)
+        eos = torch.tensor(sorted(set(lm.eos_token_ids)) or [-1], device=device)
+        root_of_row = [r for r, _, _ in chunk]
+        plen_of_row = [plen for _, plen, _ in chunk]
+        reqs = [requests[i] for _, _, i in chunk]
+        limits = [r.max_new_tokens for r in reqs]
+        steps = max(limits)
+        # Uniforms for every step of every row, from the row's own generator.
+        uniforms = torch.zeros((B, steps), dtype=torch.float32)
+        for row, r in enumerate(reqs):
+            uniforms[row, : r.max_new_tokens] = torch.rand(r.max_new_tokens, generator=torch.Generator().manual_seed(r.seed))
+        uniforms = uniforms.to(device)
+        forced = torch.tensor([-1 if r.forced_first is None else int(r.forced_first) for r in reqs], device=device)
+        outputs: list[list[int]] = [[] for _ in chunk]
+
+        # Prefix caches of this chunk's roots, padded to one width: [R, KV, P, d].
+        width = max(plen_of_row)
+        layout = _Layout(root_of_row, plen_of_row, width, arch.rep, arch.dtype, device)
+        prefix_k, prefix_v = self._stack_prefixes(arch, [encoded[r][0] for r in layout.roots], width)
+
+        # Each row's own generated positions: [B, KV, steps, d] per layer.
+        shape = (B, arch.kv_heads, max(steps - 1, 1), arch.head_dim)
+        own_k = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
+        own_v = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
+
+        logits = torch.stack([encoded[r][1][plen - 1] for r, plen, _ in chunk])
+        rows = list(range(B))  # chunk row of each batch row
+        alive = [True] * B
+        positions = torch.tensor(plen_of_row, dtype=torch.long, device=device)
+        step = 0
+        while True:
+            tokens = self._choose(logits, temperature, uniforms[:, step])
+            if step == 0:
+                tokens = torch.where(forced >= 0, forced, tokens)
+            values = tokens.tolist()
+            finished = torch.isin(tokens, eos).tolist()
+            for b, row in enumerate(rows):
+                if alive[b]:
+                    outputs[row].append(values[b])
+                    stop = finished[b] or len(outputs[row]) >= limits[row] or self._hit_stop(lm, outputs[row])
+                    alive[b] = not stop
+                    self.tokens_generated += 1
+            step += 1
+            n_alive = sum(alive)
+            if n_alive == 0:
+                break
+            if n_alive < len(rows):
+                # Drop finished rows: live rows from the back move into the
+                # freed places in front, and the batch is cut to n_alive (the
+                # caches become views of their first n_alive rows: no copy).
+                holes = [b for b in range(n_alive) if not alive[b]]
+                movers = [b for b in range(n_alive, len(rows)) if alive[b]]
+                if holes:
+                    dst = torch.tensor(holes, dtype=torch.long, device=device)
+                    src = torch.tensor(movers, dtype=torch.long, device=device)
+                    for caches in (own_k, own_v):
+                        for cache in caches:
+                            cache[dst, :, : step - 1] = cache[src, :, : step - 1]
+                    for tensor in (tokens, positions, uniforms):
+                        tensor[dst] = tensor[src]
+                    for h, m in zip(holes, movers):
+                        rows[h] = rows[m]
+                rows = rows[:n_alive]
+                alive = [True] * n_alive
+                tokens, positions, uniforms = tokens[:n_alive], positions[:n_alive], uniforms[:n_alive]
+                for caches in (own_k, own_v):
+                    for l in range(len(caches)):
+                        caches[l] = caches[l][:n_alive]
+                new_layout = _Layout([root_of_row[r] for r in rows], [plen_of_row[r] for r in rows], width, arch.rep, arch.dtype, device)
+                if new_layout.roots != layout.roots:
+                    pick = torch.tensor([layout.roots.index(r) for r in new_layout.roots], device=device)
+                    prefix_k = [k.index_select(0, pick) for k in prefix_k]
+                    prefix_v = [v.index_select(0, pick) for v in prefix_v]
+                layout = new_layout
+            logits = self._step(arch, tokens, positions, step - 1, layout, prefix_k, prefix_v, own_k, own_v)
+            positions = positions + 1
+        return [self._cut_at_stop(lm, out) for out in outputs]
+
+    @staticmethod
+    def _stack_prefixes(arch: _Arch, kvs: list, width: int):
+        if len(kvs) == 1:
+            kv = kvs[0]
+            return [k[:, :width].unsqueeze(0) for k, _ in kv], [v[:, :width].unsqueeze(0) for _, v in kv]
+        shape = (len(kvs), arch.kv_heads, width, arch.head_dim)
+        ks, vs = [], []
+        for l in range(len(arch.layers)):
+            k = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
+            v = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
+            for i, kv in enumerate(kvs):
+                n = min(width, kv[l][0].shape[-2])
+                k[i, :, :n] = kv[l][0][:, :n]
+                v[i, :, :n] = kv[l][1][:, :n]
+            ks.append(k)
+            vs.append(v)
+        return ks, vs
+
+    def _step(self, arch: _Arch, tokens, positions, s: int, layout: _Layout, prefix_k, prefix_v, own_k, own_v) -> torch.Tensor:
+        """One decoding step for the batch: feed token s of every row (at its
+        own absolute position), return the next-token logits [B, V] float32.
+
+        Attention runs in "slot space" [R, KV, slots * rep, ·]: the queries of
+        each root's rows side by side, so the shared prefix is one matmul per
+        root. The scores against each row's own generated keys are moved into
+        the same space and one softmax covers both parts."""
+        B = tokens.shape[0]
+        H, KV, rep, d = arch.heads, arch.kv_heads, arch.rep, arch.head_dim
+        R, slots = len(layout.roots), layout.slots
+        half, P, S = d // 2, prefix_k[0].shape[-2], s + 1
+        h = arch.embed(tokens)  # [B, D]
+        cos, sin = arch.rotary(h.unsqueeze(1), positions.unsqueeze(1))  # [B, 1, d]
+        # rotate_half(x) * sin == roll(x, d/2) * (sin with its first half negated);
+        # the softmax scaling is folded into the queries' factors.
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        scale = torch.ones((1, H + KV, 1), dtype=torch.float32, device=h.device)
+        if not arch.qk_norm:
+            scale[:, :H] = arch.scaling
+        cos, sin = (cos * scale).to(arch.dtype), (sin * scale).to(arch.dtype)
+
+        def to_slots(x):  # [B, KV, rep, n] -> [R, KV, slots * rep, n]
+            if not layout.identity:
+                x = x.index_select(0, layout.gather)
+            return x.view(R, slots, KV, rep, x.shape[-1]).transpose(1, 2).reshape(R, KV, slots * rep, x.shape[-1])
+
+        def to_rows(x):  # [R, KV, slots * rep, n] -> [B, KV, rep, n]
+            x = x.reshape(R, KV, slots, rep, x.shape[-1]).transpose(1, 2).reshape(R * slots, KV, rep, x.shape[-1])
+            return x if layout.identity else x.index_select(0, layout.scatter)
+
+        for l, (norm1, w_qkv, b_qkv, attn, norm2, mlp) in enumerate(arch.blocks):
+            qkv = torch.nn.functional.linear(norm1(h), w_qkv, b_qkv).view(B, H + 2 * KV, d)
+            if arch.qk_norm:
+                qk = torch.cat((attn.q_norm(qkv[:, :H]), attn.k_norm(qkv[:, H : H + KV])), dim=1)
+                qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)
+                qk[:, :H] *= arch.scaling
+            else:
+                qk = qkv[:, : H + KV]
+                qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)  # rotary, q and k at once
+            q = qk[:, :H].view(B, KV, rep, d)
+            ok, ov = own_k[l], own_v[l]
+            ok[:, :, s] = qk[:, H:]
+            ov[:, :, s] = qkv[:, H + KV :]
+
+            own = torch.matmul(q, ok[:, :, :S].transpose(-1, -2))  # [B, KV, rep, S]
+            pre = torch.matmul(to_slots(q), prefix_k[l].transpose(-1, -2))  # [R, KV, slots*rep, P]
+            if layout.mask is not None:
+                pre = pre + layout.mask
+            probs = torch.softmax(torch.cat((pre, to_slots(own)), dim=-1), dim=-1)
+            out = to_rows(torch.matmul(probs[..., :P], prefix_v[l]))  # [B, KV, rep, d]
+            out = out + torch.matmul(to_rows(probs[..., P:]), ov[:, :, :S])
+            h = h + torch.nn.functional.linear(out.reshape(B, H * d), attn.o_proj.weight, attn.o_proj.bias)
+            h = h + mlp(norm2(h))
+        return arch.head_logits(arch.norm(h))
+
+    # -- sampling and stopping -----------------------------------------------
+
+    def _choose(self, logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
+        """Next token of every row (inverse CDF of softmax(logits/temperature))."""
+        return _draw_fast(logits, temperature, uniforms)
+
+    def _hit_stop(self, lm, out: list[int]) -> bool:
+        if not self.stop_strings:
+            return False
+        longest = max(len(s) for s in self.stop_strings)
+        text = lm.decode(out[-(longest + 4) :])
+        return any(s in text for s in self.stop_strings)
+
+    def _cut_at_stop(self, lm, out: list[int]) -> list[int]:
+        """For the fallback path: end `out` at the first token completing a stop string."""
+        if not self.stop_strings:
+            return out
+        for n in range(1, len(out) + 1):
+            if self._hit_stop(lm, out[:n]):
+                return out[:n]
+        return out
+
+
+_FORWARD_PARAMETERS: dict[type, frozenset] = {}
+
+
+def _forward_parameters(model) -> frozenset:
+    kind = type(model)
+    if kind not in _FORWARD_PARAMETERS:
+        try:
+            _FORWARD_PARAMETERS[kind] = frozenset(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            _FORWARD_PARAMETERS[kind] = frozenset()
+    return _FORWARD_PARAMETERS[kind]
+
+
 @hookimpl
 def register_samplers(register):
     register("batched", BatchedSampler, BatchedSampler.description)
+    register("prefix", PrefixSampler, PrefixSampler.description)

@@ -92,8 +92,11 @@ def numbers(text) -> list[Decimal]:
     return found
 
 
-def _first_number(text: str) -> Optional[Decimal]:
-    for match in _NUMBER.finditer(text):
+def _first_number(text: str, start: int = 0, window: Optional[int] = None) -> Optional[Decimal]:
+    """The first readable number starting in text[start : start + window]."""
+    for match in _NUMBER.finditer(text, start):
+        if window is not None and match.start() > start + window:
+            return None
         value = _to_decimal(match)
         if value is not None:
             return value
@@ -107,7 +110,7 @@ def extract_answer(text) -> Optional[Decimal]:
         return None
     # 1. The last "answer is N" that is followed by a number.
     for match in reversed(list(_ANSWER_IS.finditer(text))):
-        value = _first_number(text[match.end() : match.end() + _ANSWER_WINDOW])
+        value = _first_number(text, match.end(), _ANSWER_WINDOW)
         if value is not None:
             return value
     # 2. The last \boxed{N}.

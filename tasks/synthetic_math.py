@@ -2,13 +2,17 @@
 
 Levels (each shown to the student after one worked example of the same level,
 as a previous user/assistant exchange; every solution is one line ending in
-"The answer is N."):
+"The answer is N."), hardest last. The pass rates are SmolLM2-135M-Instruct's
+at temperature 1 with the worked example (tasks/measure_pass_rates.py, 40
+problems each; see MEASURED):
 
     L1  one-digit addition                     What is 3 + 5?
-    L2  one-digit a + b - c                    What is 7 + 5 - 3?
-    L3  two-digit plus one-digit, with carry   What is 47 + 8?
-    L4  two-step word problem                  Sam has 7 apples. He buys 5 more. ...
-    L5  three-step word problem                ... then ... then ...
+    L2  two-digit plus one-digit, no carry     What is 23 + 4?
+    L3  one-step word problem                  Sam has 7 apples. He buys 5 more. How many ...?
+    L4  one-digit a + b - c                    What is 7 + 5 - 3?
+    L5  two-digit plus one-digit, with carry   What is 47 + 8?
+    L6  two-step word problem                  Sam has 7 apples. He buys 5 more. Then he ...
+    L7  three-step word problem                ... then ... then ...
 
 Problems cycle through the configured levels (problem i has level
 ``levels[i % len(levels)]``) and are generated from (seed, i) alone, so the
@@ -52,10 +56,18 @@ def _add_subtract(rng: random.Random) -> Draw:
     return f"What is {a} + {b} - {c}?", s - c, f"{a} + {b} = {s}. {s} - {c} = {s - c}."
 
 
+def _two_digit_no_carry(rng: random.Random) -> Draw:
+    while True:
+        a, b = rng.randint(11, 88), rng.randint(1, 8)
+        if a % 10 + b <= 9:
+            break
+    return f"What is {a} + {b}?", a + b, f"{a} + {b} = {a + b}."
+
+
 def _two_digit_carry(rng: random.Random) -> Draw:
     while True:
         a, b = rng.randint(11, 89), rng.randint(2, 9)
-        if a % 10 + b >= 10:  # always a carry: the step the student must get right
+        if a % 10 + b >= 10:  # always a carry: the tens digit is the pivotal token
             break
     return f"What is {a} + {b}?", a + b, f"{a} + {b} = {a + b}."
 
@@ -100,15 +112,18 @@ LEVELS: dict[str, Level] = {
     level.name: level
     for level in [
         Level("L1", "one-digit addition (What is 3 + 5?)", _one_digit_addition),
-        Level("L2", "one-digit a + b - c", _add_subtract),
-        Level("L3", "two-digit plus one-digit, always with a carry", _two_digit_carry),
-        Level("L4", "two-step word problem (add/subtract)", lambda rng: _word_problem(rng, 2)),
-        Level("L5", "three-step word problem (add/subtract)", lambda rng: _word_problem(rng, 3)),
+        Level("L2", "two-digit plus one-digit, no carry (23 + 4)", _two_digit_no_carry),
+        Level("L3", "one-step word problem (add or subtract)", lambda rng: _word_problem(rng, 1)),
+        Level("L4", "one-digit a + b - c", _add_subtract),
+        Level("L5", "two-digit plus one-digit, with a carry (47 + 8)", _two_digit_carry),
+        Level("L6", "two-step word problem (add/subtract)", lambda rng: _word_problem(rng, 2)),
+        Level("L7", "three-step word problem (add/subtract)", lambda rng: _word_problem(rng, 3)),
     ]
 }
 
+# The levels whose pass rates span the default student's ability (0.2-0.8 at
+# temperature 1): questions it sometimes solves carry the most signal.
 DEFAULT_LEVELS = ("L1", "L2", "L3", "L4")
-
 
 def parse_levels(levels) -> tuple[str, ...]:
     """Level names from 1, "1", "L1", "l1", a list of those, or "1,2,3"."""
@@ -170,7 +185,8 @@ class SyntheticMath(Task):
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise UsageError(f"task 'math': the number of problems must be a non-negative integer, got {count!r}")
         out: list[Problem] = []
-        seen: dict[str, set[str]] = {level: set() for level in self.levels}
+        # Never ask the worked example itself; avoid repeats inside a level.
+        seen = {level: {self.example(level).question} for level in self.levels}
         for index in range(count):
             level = self.levels[index % len(self.levels)]
             # Seeded from (seed, index, level) only: a prefix does not depend on count.
@@ -233,4 +249,4 @@ def factory(levels=DEFAULT_LEVELS, **options) -> SyntheticMath:
 
 @hookimpl
 def register_tasks(register):
-    register("math", factory, "Synthetic arithmetic at graded levels L1-L5 (offline, seeded).")
+    register("math", factory, f"Synthetic arithmetic at graded levels {list(LEVELS)[0]}-{list(LEVELS)[-1]} (offline, seeded).")

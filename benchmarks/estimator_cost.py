@@ -1,0 +1,548 @@
+"""Estimator cost benchmark: sampled tokens needed by `targeted` and `uniform`
+to reach the same alignment error (issue #4).
+
+Four sections, all in one process on one torch thread (ratios are comparable
+even on a busy machine; the load average is printed):
+
+A. exact toy environment (gadiag_core.toy_env: tiny random transformer, 12-token
+   vocabulary, horizon 4): exact a* by enumeration.
+B. exact chain environment, horizon 128 (defined here, `ChainEnvironment`): a
+   Markov "chain of thought" whose success probability is known exactly by
+   dynamic programming at any length. Most tokens are near-certain filler,
+   about a quarter are stylistic choices between equivalent tokens (uncertain
+   but harmless: a* ≈ 0), and a fixed number of decisions change the odds.
+C. length curve on the chain environment, horizon 32 … 512: cost of each
+   estimator at its default settings, with the error it reaches.
+D. the default student (SmolLM2-135M-Instruct, `math` task, `prefix` sampler)
+   on a few rollouts, against a high-budget `uniform` reference computed here
+   with independent seeds.
+
+Error metrics (per estimator setting, over rollouts × seeds):
+    rel_err   sqrt(Σ‖â_t − a*_t‖² / Σ‖a*_t‖²) over every node of every rollout
+              (â_t = 0 at nodes the estimator does not score): the relative
+              error of the rollouts' ideal vectors. Against a noisy reference
+              (D) the reference's own noise energy (binomial, unbiased) is
+              subtracted from numerator and denominator.
+    q_cos     mean over rollouts × teacher/objective rows of |cos_q(â, b) −
+              cos_q(a*, b)|, cos_q the per-question logit-space cosine over
+              every node (DESIGN §1 aggregation; exact environments only)
+"Equal error": the uniform tokens at each targeted point's rel_err, by
+log-log interpolation of the uniform curve (extrapolated, and marked, beyond it).
+
+    python benchmarks/estimator_cost.py            # ~8 min on one free core
+    python benchmarks/estimator_cost.py --quick    # ~2 min
+    python benchmarks/estimator_cost.py --sections A,B,C   # no model download needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from gadiag_core.interfaces import ContinuationRequest, EstimationJob, RolloutSampler
+from gadiag_core.seeding import derive_seed
+from gadiag_core.vectors import ideal_vector
+
+# ----------------------------------------------------------------------------
+# The chain environment: exact Q at any horizon
+
+CHAIN_VOCAB = 10
+FILLER = (0, 1, 2, 3, 4, 5)
+GOOD = (6, 7)
+BAD = (8, 9)
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+class ChainLM:
+    """A 'student' whose next-token distribution depends only on the position
+    of the problem's chain (kinds: filler, style, decision). Enough of the
+    CausalLM surface for the estimators: temperature, eos_token_ids, decode,
+    vocab_size. Prompt ids: one id ≥ CHAIN_VOCAB naming the problem."""
+
+    name = "chain"
+    temperature = 1.0
+    eos_token_ids: list[int] = []
+    vocab_size = CHAIN_VOCAB
+
+    def __init__(self):
+        self.problems: dict[int, "ChainProblem"] = {}
+
+    def decode(self, ids) -> str:
+        return "".join(str(int(i)) for i in ids if int(i) < CHAIN_VOCAB)
+
+
+@dataclass
+class ChainProblem:
+    pid: int
+    horizon: int
+    kinds: list[str]
+    probs: torch.Tensor  # [H, V] float64
+    cdf: list[list[float]]
+    needed: int  # good decisions needed to succeed
+
+    def verify(self, text: str) -> bool:
+        return sum(text.count(str(g)) for g in GOOD) >= self.needed
+
+
+def make_chain_problem(
+    pid: int, horizon: int, decisions: int, seed: int, style_share: float = 0.25, tolerance: int = 1, good: tuple = (0.55, 0.9)
+) -> ChainProblem:
+    rng = random.Random(f"chain-{seed}-{pid}-{horizon}")
+    positions = list(range(horizon))
+    rng.shuffle(positions)
+    decide = set(positions[:decisions])
+    rest = positions[decisions:]
+    style = set(rest[: int(round(style_share * len(rest)))])
+    kinds, rows = [], []
+    for t in range(horizon):
+        p = torch.zeros(CHAIN_VOCAB, dtype=torch.float64)
+        if t in decide:
+            kinds.append("decision")
+            g = rng.uniform(*good)
+            p[6], p[7] = 0.6 * g, 0.4 * g
+            p[8], p[9] = 0.7 * (1 - g - 0.02), 0.3 * (1 - g - 0.02)
+            for k in FILLER:
+                p[k] = 0.02 / len(FILLER)
+        elif t in style:
+            kinds.append("style")
+            a, b, c = rng.sample(FILLER, 3)
+            w = sorted([rng.uniform(0.2, 1.0) for _ in range(3)], reverse=True)
+            s = sum(w)
+            p[:] = 0.01 / (CHAIN_VOCAB - 3)
+            p[a], p[b], p[c] = (0.99 * x / s for x in w)
+        else:
+            kinds.append("filler")
+            f = rng.choice(FILLER)
+            p[:] = 0.003 / (CHAIN_VOCAB - len(FILLER))
+            for k in FILLER:
+                p[k] = 0.012 / (len(FILLER) - 1)
+            p[f] = 0.985
+        rows.append(p / p.sum())
+    probs = torch.stack(rows)
+    cdf = [list(itertools_accumulate(r.tolist())) for r in probs]
+    return ChainProblem(pid, horizon, kinds, probs, cdf, needed=max(1, decisions - tolerance))
+
+
+def itertools_accumulate(xs):
+    total = 0.0
+    for x in xs:
+        total += x
+        yield total
+
+
+class ChainSampler(RolloutSampler):
+    """Exact temperature-1 sampling from ChainLM, one seeded generator per request."""
+
+    name = "chain"
+
+    def __init__(self):
+        self.tokens_generated = 0
+
+    def sample(self, lm: ChainLM, requests: list[ContinuationRequest], temperature: float) -> list[list[int]]:
+        out = []
+        for r in requests:
+            problem = lm.problems[r.prefix_ids[0]]
+            t = len(r.prefix_ids) - 1
+            rng = random.Random(r.seed)
+            ids = []
+            for step in range(r.max_new_tokens):
+                if t >= problem.horizon:
+                    break
+                if step == 0 and r.forced_first is not None:
+                    k = int(r.forced_first)
+                    rng.random()
+                else:
+                    cdf = problem.cdf[t]
+                    k = min(bisect.bisect_right(cdf, rng.random() * cdf[-1]), CHAIN_VOCAB - 1)
+                ids.append(k)
+                t += 1
+            out.append(ids)
+            self.tokens_generated += len(ids)
+        return out
+
+
+@dataclass
+class ExactRollout:
+    """What the benchmark needs of a rollout with exact quantities (the toy
+    environment's ToyRollout has the same fields)."""
+
+    problem: object
+    index: int
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    correct: bool
+    student_logits: torch.Tensor
+    exact_probs: torch.Tensor
+    exact_q: torch.Tensor
+    exact_ideal: torch.Tensor
+    teacher_logprobs: dict = field(default_factory=dict)
+
+
+class ChainEnvironment:
+    def __init__(
+        self, horizon: int = 128, problems: int = 8, decisions: int = 6, seed: int = 0, tolerance: int = 1, good=(0.55, 0.9), style_share: float = 0.25
+    ):
+        from gadiag_core.toy_env import informed_logprobs
+
+        self.student = ChainLM()
+        self.sampler = ChainSampler()
+        self.max_new_tokens = horizon
+        self.seed = seed
+        self.rollouts: list[ExactRollout] = []
+        self.teachers = ("informed", "noisy")
+        gen = torch.Generator().manual_seed(derive_seed(seed, "chain-teachers", horizon) % 2**62)
+        for i in range(problems):
+            prob = make_chain_problem(i, horizon, decisions, seed, style_share, tolerance, good)
+            pid = CHAIN_VOCAB + i
+            self.student.problems[pid] = prob
+            # Exact V by dynamic programming over (t, good count).
+            good_mask = torch.zeros(CHAIN_VOCAB, dtype=torch.long)
+            good_mask[list(GOOD)] = 1
+            values = [None] * (horizon + 1)
+            values[horizon] = torch.tensor([1.0 if s >= prob.needed else 0.0 for s in range(horizon + 2)], dtype=torch.float64)
+            qs = [None] * horizon
+            for t in range(horizon - 1, -1, -1):
+                nxt = values[t + 1]
+                idx = (torch.arange(horizon + 1).unsqueeze(1) + good_mask.unsqueeze(0)).clamp(max=horizon + 1)
+                q = nxt[idx]  # [S, V]
+                qs[t] = q
+                values[t] = torch.cat([(q * prob.probs[t]).sum(-1), nxt[-1:]])
+            rollout_rng = random.Random(derive_seed(seed, "chain-rollout", i))
+            gen_ids = self.sampler.sample(
+                self.student, [ContinuationRequest((pid,), horizon, seed=rollout_rng.getrandbits(62))], 1.0
+            )[0]
+            s, q_rows = 0, []
+            for t, k in enumerate(gen_ids):
+                q_rows.append(qs[t][s])
+                s += int(good_mask[k])
+            q = torch.stack(q_rows)
+            probs = prob.probs[: len(gen_ids)]
+            r = ExactRollout(
+                problem=prob,
+                index=0,
+                prompt_ids=[pid],
+                generated_ids=gen_ids,
+                correct=prob.verify(self.student.decode(gen_ids)),
+                student_logits=probs.log().float(),
+                exact_probs=probs,
+                exact_q=q,
+                exact_ideal=ideal_vector(probs, q, 1.0),
+            )
+            r.teacher_logprobs = {
+                "informed": informed_logprobs(probs, q, gen),
+                "noisy": informed_logprobs(probs, q, gen, beta=0.0, sigma=1.0),
+            }
+            self.rollouts.append(r)
+
+    def job(self, r: ExactRollout, seed: int) -> EstimationJob:
+        prob = r.problem
+        return EstimationJob(
+            student=self.student,
+            sampler=self.sampler,
+            prompt_ids=list(r.prompt_ids),
+            generated_ids=list(r.generated_ids),
+            student_logits=r.student_logits,
+            teacher_preferred={name: lp.argmax(-1) for name, lp in r.teacher_logprobs.items()},
+            verify=lambda text, _p=prob: _p.verify(text),
+            max_new_tokens=self.max_new_tokens,
+            seed=derive_seed(self.seed, "chain-estimator", prob.pid, seed),
+        )
+
+
+# ----------------------------------------------------------------------------
+# Measuring an estimator against exact vectors
+
+
+@dataclass
+class Point:
+    label: str
+    tokens: float  # sampled tokens per rollout
+    continuations: float
+    rel_err: float
+    q_cos: float = math.nan
+    nodes: float = 0.0
+    seconds: float = 0.0
+
+
+def objective_rows(env):
+    from gadiag_plugins.objectives import ReverseKL, SampledToken
+
+    objectives = {"reverse_kl": ReverseKL(), "sampled_token": SampledToken()}
+    rows = []
+    for r in env.rollouts:
+        sampled = torch.tensor(r.generated_ids)
+        b = {}
+        for teacher, logp in r.teacher_logprobs.items():
+            for oname, obj in objectives.items():
+                b[f"{teacher}/{oname}"] = obj.vector(r.student_logits.double(), logp.double(), sampled, 1.0).double()
+        rows.append(b)
+    return rows
+
+
+def pooled_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    return float((a * b).sum()) / (na * nb) if na > 0 and nb > 0 else math.nan
+
+
+def measure_exact(env, estimator, seeds: int, label: str, rows=None) -> Point:
+    rows = rows if rows is not None else objective_rows(env)
+    num = den = 0.0
+    tokens = conts = nodes = 0
+    cos_errs = []
+    started = time.time()
+    for seed in range(seeds):
+        for r, b_rows in zip(env.rollouts, rows):
+            est = estimator.estimate(env.job(r, seed))
+            tokens += est.budget.get("sampled_tokens", 0)
+            conts += est.budget.get("continuations", 0)
+            nodes += len(est.nodes)
+            a_hat = torch.zeros_like(r.exact_ideal)
+            for n in est.nodes:
+                a_hat[n.node, n.candidates] = n.ideal.double()
+            num += float((a_hat - r.exact_ideal).pow(2).sum())
+            den += float(r.exact_ideal.pow(2).sum())
+            for b in b_rows.values():
+                exact = pooled_cos(r.exact_ideal, b)
+                got = pooled_cos(a_hat, b)
+                if not math.isnan(exact):
+                    cos_errs.append(abs((0.0 if math.isnan(got) else got) - exact))
+    n = seeds * len(env.rollouts)
+    return Point(
+        label,
+        tokens / n,
+        conts / n,
+        math.sqrt(num / den),
+        sum(cos_errs) / len(cos_errs) if cos_errs else math.nan,
+        nodes / n,
+        time.time() - started,
+    )
+
+
+def equal_error_tokens(curve: list[Point], err: float) -> tuple[float, bool]:
+    """Tokens the `curve` (more tokens, less error) needs for error `err`,
+    by log-log interpolation; (value, extrapolated?)."""
+    pts = sorted(((p.tokens, p.rel_err) for p in curve if p.rel_err > 0 and p.tokens > 0), key=lambda x: x[0])
+    if len(pts) < 2:
+        return math.nan, True
+    xs = [math.log(t) for t, _ in pts]
+    ys = [math.log(e) for _, e in pts]
+    y = math.log(err)
+    for i in range(len(pts) - 1):
+        lo, hi = sorted((ys[i], ys[i + 1]))
+        if lo <= y <= hi and ys[i] != ys[i + 1]:
+            f = (y - ys[i]) / (ys[i + 1] - ys[i])
+            return math.exp(xs[i] + f * (xs[i + 1] - xs[i])), False
+    # Beyond the curve: extend the segment at the nearer end.
+    i = len(pts) - 2 if y < min(ys) else 0
+    if ys[i + 1] == ys[i]:
+        return math.nan, True
+    slope = (xs[i + 1] - xs[i]) / (ys[i + 1] - ys[i])
+    return math.exp(xs[i] + slope * (y - ys[i])), True
+
+
+def print_curves(title: str, uniform: list[Point], targeted: list[Point]) -> list[float]:
+    print(f"\n{title}")
+    print(f"{'estimator':<28}{'tokens/rollout':>15}{'cont/rollout':>13}{'nodes':>7}{'rel_err':>9}{'q_cos err':>10}{'s':>7}")
+    for p in uniform + targeted:
+        print(f"{p.label:<28}{p.tokens:>15.0f}{p.continuations:>13.1f}{p.nodes:>7.1f}{p.rel_err:>9.3f}{p.q_cos:>10.3f}{p.seconds:>7.1f}")
+    print(f"{'equal error: targeted':<28}{'tokens':>10}{'uniform tokens':>16}{'ratio':>8}")
+    ratios = []
+    for p in targeted:
+        u, extrap = equal_error_tokens(uniform, p.rel_err)
+        ratio = u / p.tokens if p.tokens else math.nan
+        ratios.append(ratio)
+        mark = " (extrapolated)" if extrap else ""
+        print(f"{p.label:<28}{p.tokens:>10.0f}{u:>16.0f}{ratio:>7.1f}x{mark}")
+    return ratios
+
+
+# ----------------------------------------------------------------------------
+# Sections
+
+
+def section_toy(args):
+    from gadiag_core.toy_env import build_environment
+    from gadiag_plugins.estimators import TargetedEstimator, UniformEstimator
+
+    env = build_environment()
+    rows = objective_rows(env)
+    seeds = 2 if args.quick else 4
+    ms = (2, 4, 8, 16) if args.quick else (2, 4, 8, 16, 32)
+    uniform = [measure_exact(env, UniformEstimator(continuations=m), seeds, f"uniform M={m}", rows) for m in ms]
+    targeted = [
+        measure_exact(env, TargetedEstimator(continuations=m, max_nodes=None, target_error=0), seeds, f"targeted M={m}", rows)
+        for m in ms
+    ]
+    targeted.append(measure_exact(env, TargetedEstimator(), seeds, "targeted (defaults)", rows))
+    print_curves(
+        f"A. exact toy environment: {len(env.rollouts)} rollouts, {env.nodes} nodes, horizon {env.max_new_tokens}, {seeds} seeds",
+        uniform,
+        targeted,
+    )
+
+
+def section_chain(args):
+    from gadiag_plugins.estimators import TargetedEstimator, UniformEstimator
+
+    env = ChainEnvironment(horizon=128, problems=4 if args.quick else 8)
+    rows = objective_rows(env)
+    seeds = 1 if args.quick else 2
+    ms = (2, 4, 8) if args.quick else (2, 4, 8, 16)
+    uniform = [measure_exact(env, UniformEstimator(continuations=m), seeds, f"uniform M={m}", rows) for m in ms]
+    targeted = [
+        measure_exact(env, TargetedEstimator(continuations=m, max_nodes=None, target_error=0), seeds, f"targeted M={m}", rows)
+        for m in ms
+    ]
+    targeted.append(measure_exact(env, TargetedEstimator(max_nodes=None), seeds, "targeted (max_nodes=None)", rows))
+    print_curves(f"B. exact chain environment: horizon 128, {len(env.rollouts)} rollouts, 6 decisions each, {seeds} seeds", uniform, targeted)
+
+
+def section_length(args):
+    from gadiag_plugins.estimators import TargetedEstimator, UniformEstimator
+
+    horizons = (32, 64, 128, 256) if args.quick else (32, 64, 128, 256, 512)
+    problems = 3 if args.quick else 6
+    print(f"\nC. cost against rollout length (chain environment, 6 decisions, {problems} rollouts per length, 1 seed)")
+    print(f"{'T':>5} | {'targeted: tokens':>16}{'cont':>7}{'rel_err':>8}{'tok/T':>7} | {'uniform M=4: tokens':>19}{'cont':>7}{'rel_err':>8}")
+    table = []
+    for h in horizons:
+        env = ChainEnvironment(horizon=h, problems=problems)
+        rows = objective_rows(env)
+        t = measure_exact(env, TargetedEstimator(max_nodes=None), 1, "targeted", rows)
+        u = measure_exact(env, UniformEstimator(continuations=4), 1, "uniform", rows) if h <= 256 or not args.quick else None
+        table.append((h, t, u))
+        us = f"{u.tokens:>19.0f}{u.continuations:>7.0f}{u.rel_err:>8.3f}" if u else f"{'-':>19}{'-':>7}{'-':>8}"
+        print(f"{h:>5} | {t.tokens:>16.0f}{t.continuations:>7.0f}{t.rel_err:>8.3f}{t.tokens / h:>7.1f} | {us}")
+    # Log-log slopes (cost ∝ T^slope) over the whole range.
+    def slope(pairs):
+        pairs = [(math.log(x), math.log(y)) for x, y in pairs if y > 0]
+        n = len(pairs)
+        mx = sum(x for x, _ in pairs) / n
+        my = sum(y for _, y in pairs) / n
+        return sum((x - mx) * (y - my) for x, y in pairs) / sum((x - mx) ** 2 for x, _ in pairs)
+
+    print(
+        "growth exponents (cost ∝ T^k): targeted continuations k={:.2f}, tokens k={:.2f};  uniform continuations k={:.2f}, tokens k={:.2f}".format(
+            slope([(h, t.continuations) for h, t, _ in table]),
+            slope([(h, t.tokens) for h, t, _ in table]),
+            slope([(h, u.continuations) for h, _, u in table if u]),
+            slope([(h, u.tokens) for h, _, u in table if u]),
+        )
+    )
+
+
+def section_student(args):
+    """Default student against a high-budget uniform reference."""
+    from gadiag_core.lm import load_lm
+    from gadiag_core import noise
+    from gadiag_plugins.estimators import TargetedEstimator, UniformEstimator
+    from gadiag_plugins.samplers import PrefixSampler
+    from gadiag_tasks.synthetic_math import factory
+
+    started = time.time()
+    lm = load_lm("smollm2-135m-instruct")
+    task = factory(levels=[1, 2])
+    sampler = PrefixSampler(batch_size=256)
+    max_new = 32
+    n_rollouts = 2 if args.quick else 3
+    problems = task.problems(8, 0)
+    rollouts = []
+    for p in problems:  # short, finished rollouts with a few eligible nodes
+        prompt = lm.encode_messages(task.student_messages(p))
+        gen = sampler.sample(lm, [ContinuationRequest(tuple(prompt), max_new, seed=derive_seed(0, "bench-rollout", p.id))], 1.0)[0]
+        if not gen or gen[-1] not in lm.eos_token_ids:
+            continue
+        z = lm.node_logits(prompt, gen).float()
+        rollouts.append((p, prompt, gen, z))
+        if len(rollouts) == n_rollouts:
+            break
+
+    def job(p, prompt, gen, z, seed):
+        return EstimationJob(
+            student=lm, sampler=sampler, prompt_ids=prompt, generated_ids=gen, student_logits=z,
+            teacher_preferred={}, verify=lambda text, _p=p: task.verify(_p, text), max_new_tokens=max_new,
+            seed=derive_seed(0, "bench-estimator", p.id, seed),
+        )
+
+    m_ref = 8 if args.quick else 16
+    ref_est = UniformEstimator(continuations=m_ref)
+    refs = []
+    ref_tokens = 0
+    for p, prompt, gen, z in rollouts:
+        e = ref_est.estimate(job(p, prompt, gen, z, 10_000))
+        ref_tokens += e.budget["sampled_tokens"]
+        dense = torch.zeros(z.shape, dtype=torch.float64)
+        noise_energy = 0.0
+        for n in e.nodes:
+            dense[n.node, n.candidates] = n.ideal.double()
+            noise_energy += float(noise.noise_energy(n.probs, n.q_var))
+        refs.append((dense, noise_energy))
+    print(
+        f"\nD. default student (smollm2-135m-instruct, math L1-L2, max_new_tokens {max_new}, prefix sampler): "
+        f"{len(rollouts)} rollouts of {[len(r[2]) for r in rollouts]} tokens; reference uniform M={m_ref}: "
+        f"{ref_tokens / len(rollouts):.0f} tokens/rollout"
+    )
+
+    def measure(estimator, label, seeds):
+        num = den = 0.0
+        tokens = conts = nodes = 0
+        t0 = time.time()
+        for seed in range(seeds):
+            for (p, prompt, gen, z), (ref, ref_noise) in zip(rollouts, refs):
+                e = estimator.estimate(job(p, prompt, gen, z, seed))
+                tokens += e.budget["sampled_tokens"]
+                conts += e.budget["continuations"]
+                nodes += len(e.nodes)
+                a = torch.zeros_like(ref)
+                for n in e.nodes:
+                    a[n.node, n.candidates] = n.ideal.double()
+                num += float((a - ref).pow(2).sum()) - ref_noise
+                den += float(ref.pow(2).sum()) - ref_noise
+        n = seeds * len(rollouts)
+        return Point(label, tokens / n, conts / n, math.sqrt(max(num, 0.0) / den) if den > 0 else math.nan, math.nan, nodes / n, time.time() - t0)
+
+    ms = (2, 4) if args.quick else (2, 4, 8)
+    uniform = [measure(UniformEstimator(continuations=m), f"uniform M={m}", 1) for m in ms]
+    targeted = [measure(TargetedEstimator(continuations=m, max_nodes=None, target_error=0), f"targeted M={m}", 1) for m in ms]
+    targeted.append(measure(TargetedEstimator(), "targeted (defaults)", 1))
+    print_curves("   (rel_err against the reference, its noise subtracted; q_cos needs exact Q: n/a)", uniform, targeted)
+    print(f"   section D wall time {time.time() - started:.0f} s")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer seeds, budgets and lengths (~2 min)")
+    p.add_argument("--sections", default="A,B,C,D", help="which sections to run (A,B,C,D)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sections = {s.strip().upper() for s in args.sections.split(",")}
+    print(f"estimator cost benchmark; torch threads {args.threads}; load average {load_average()} on {os.cpu_count()} cores")
+    started = time.time()
+    if "A" in sections:
+        section_toy(args)
+    if "B" in sections:
+        section_chain(args)
+    if "C" in sections:
+        section_length(args)
+    if "D" in sections:
+        section_student(args)
+    print(f"\ntotal wall time {time.time() - started:.0f} s; load average {load_average()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
