@@ -11,12 +11,25 @@ import math
 import random
 from collections import defaultdict
 
+import torch
+
+from gadiag_core.noise import mean_cosine_global_correction
+
 REFERENCE_ROWS = ("rl_outcome", "noise_ceiling")
 
 
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _corrected(parts: list[tuple[float, float, float]]) -> float:
+    """Noise-corrected mean of (raw cosine, ‖â‖², Ê‖a*‖²) triples, clipped to [−1, 1]."""
+    if not parts:
+        return float("nan")
+    raw, a_sq, energy = torch.tensor(parts, dtype=torch.float64).T
+    value = mean_cosine_global_correction(raw, a_sq, energy)
+    return max(-1.0, min(1.0, value)) if math.isfinite(value) else float("nan")
 
 
 def bootstrap_ci(groups: dict[str, list[float]], draws: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -56,10 +69,24 @@ def aggregate(token_records: list[dict], rollout_records: list[dict]) -> dict[st
                 tokens[row][split].append(value)
                 by_question[row]["all"][record["question"]].append(value)
                 by_question[row][split][record["question"]].append(value)
-    questions = defaultdict(list)
+    questions, questions_corrected = defaultdict(list), defaultdict(list)
     for record in rollout_records:
         for row, value in record.get("question_cos", {}).items():
             questions[row].append(value)
+        for row, value in record.get("question_cos_corrected", {}).items():
+            questions_corrected[row].append(value)
+    # Noise correction of token means (gadiag_core.noise.mean_cosine_global_correction):
+    # one shrinkage factor per row and split, from Σ‖â‖² / Σ Ê‖a*‖² over its nodes.
+    noise_parts = defaultdict(lambda: {"all": [], "incorrect": [], "correct": []})
+    for record in token_records:
+        if "energy" not in record:
+            continue
+        split = "correct" if record["correct"] else "incorrect"
+        for row, value in record["cos"].items():
+            if value is not None and math.isfinite(value) and row != "noise_ceiling":
+                part = (value, record["a_sq"], record["energy"])
+                noise_parts[row]["all"].append(part)
+                noise_parts[row][split].append(part)
 
     summary = {}
     for row in sorted(set(tokens) | set(questions)):
@@ -73,6 +100,10 @@ def aggregate(token_records: list[dict], rollout_records: list[dict]) -> dict[st
             "ci_incorrect": bootstrap_ci(by_question[row]["incorrect"]),
             "ci_correct": bootstrap_ci(by_question[row]["correct"]),
             "mean_question": _mean(questions[row]),
+            "mean_question_corrected": _mean(questions_corrected[row]),
+            "mean_all_corrected": _corrected(noise_parts[row]["all"]),
+            "mean_incorrect_corrected": _corrected(noise_parts[row]["incorrect"]),
+            "mean_correct_corrected": _corrected(noise_parts[row]["correct"]),
             "helps": sum(v > 0 for v in values) / n if n else float("nan"),
             "hurts": sum(v < 0 for v in values) / n if n else float("nan"),
             "nodes": n,

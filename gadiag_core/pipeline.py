@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from gadiag_core import noise as noise_mod
 from gadiag_core.alignment import aggregate
 from gadiag_core.errors import UsageError
 from gadiag_core.html_report import write_html_report
@@ -238,6 +239,9 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
     scores = alignment_scores(config["run"]["space"], c.student, rollout.prompt_ids, gen, sel, vectors, pairs)
     cos_rows = {row: per_node for row, (per_node, _) in scores.items()}
     rollout_record["question_cos"] = {row: per_question for row, (_, per_question) in scores.items()}
+    noise = noise_terms(estimate.nodes, probs_sel, vectors, pairs, tau, seed) if config["run"]["space"] == "logits" else None
+    if noise is not None:
+        rollout_record["question_cos_corrected"] = noise["question_corrected"]
 
     # Each teacher's three most likely tokens at the scored nodes (for reports).
     teacher_top = {}
@@ -265,6 +269,15 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
                 "q_hat": node.q_hat.tolist(),
                 "counts": node.counts.tolist(),
                 "cos": {name: float(values[row]) for name, values in cos_rows.items()},
+                **(
+                    {
+                        "a_sq": float(noise["a_sq"][row]),
+                        "energy": float(noise["energy"][row]),
+                        "cos_ci": {name: bounds[row] for name, bounds in noise["intervals"].items()},
+                    }
+                    if noise is not None
+                    else {}
+                ),
                 "teacher_top": {
                     tname: [[c.student.tokenizer.decode([k]), p] for k, p in zip(ids[row], probs[row])]
                     for tname, (ids, probs) in teacher_top.items()
@@ -272,6 +285,44 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
             }
         )
     return records, rollout_record
+
+
+def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict:
+    """Monte-Carlo noise of the ideal vectors, in the logits space (DESIGN §1 "Noise",
+    gadiag_core.noise): per node ‖â‖² and the binomial estimate of ‖a*‖² (the
+    energy that corrected aggregates use); per rollout the pooled corrected
+    per-question cosine of each row; per token a 95% posterior interval of each
+    row's full-vocabulary cosine."""
+    a_sq = torch.stack([(n.ideal.double() ** 2).sum() for n in nodes])
+    energy = torch.stack(
+        [
+            (n.ideal.double() ** 2).sum()
+            if bool((n.counts <= 1).all())  # exact (or unreplicated) Q̂: no noise estimate
+            else noise_mod.binomial_energy(n.ideal, n.probs, n.q_hat, n.counts, tau)
+            for n in nodes
+        ]
+    )
+    rows = [row for row, (a, _) in pairs.items() if a == "ideal"]
+    question_corrected, intervals = {}, {row: [] for row in rows}
+    for row in rows:
+        b = vectors[row].double()
+        dots = (vectors["ideal"].double() * b).sum(-1)
+        question_corrected[row] = noise_mod.pooled_cosine(dots, energy, (b * b).sum(-1))
+    pp_total = (probs_sel.double() ** 2).sum(-1)  # [N]
+    for i, node in enumerate(nodes):
+        cand = node.candidates
+        b_all = torch.stack([vectors[row][i].double() for row in rows])  # [P, V]
+        pi = probs_sel[i].double()
+        b_c = b_all[:, cand]
+        out_pb = b_all @ pi - b_c @ pi[cand]
+        out_pp = float(pp_total[i] - (pi[cand] ** 2).sum())
+        counts = node.counts.clamp(min=0)
+        low, high, _ = noise_mod.cosine_interval(
+            node.probs, node.q_hat, counts, b_c, b_all.norm(dim=-1), out_pb, out_pp, tau, seed=derive_seed(seed, "ci", node.node)
+        )
+        for j, row in enumerate(rows):
+            intervals[row].append([float(low[j]), float(high[j])])
+    return {"a_sq": a_sq, "energy": energy, "question_corrected": question_corrected, "intervals": intervals}
 
 
 # ----------------------------------------------------------------------------

@@ -135,3 +135,14 @@ def tiny_lm(tiny_model_dir):
     from gadiag_core.lm import load_lm
 
     return load_lm(str(tiny_model_dir), name="tiny")
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+    """The exact environment's toy student (gadiag_core.toy_env), saved as a
+    folder: with `--task toy --max-new-tokens 4` its success rates are
+    intermediate, so runs on it have real ideal vectors to score."""
+    from gadiag_core.toy_env import save_toy_model
+
+    return save_toy_model(tmp_path_factory.mktemp("toy-model") / "model")
+
