@@ -15,8 +15,8 @@ row), (ideal, rl_outcome), (half0, half1).
 
 Batched: `alignment_scores(space, ...)`, one forward, per-node rows of all nodes
 in chunks of batched backward (is_grads_batched), then the per-question group.
-Run twice: with the default rank reduction, and with --no-rank (every vector
-back-propagated) so the two sources of speed are reported apart.
+With --no-rank it also runs without rank reduction (every vector
+back-propagated), so the two sources of speed are reported apart.
 
 Looped: the same forward, then one `torch.autograd.grad` of <z_t, v> per vector
 and node over every selected parameter (head and embedding included), streaming
@@ -24,7 +24,8 @@ the needed dot products. It is slow (~1-3 s per backward on one CPU thread),
 so by default only `--loop-nodes 1` node is looped and the per-node cost is
 compared per node; the per-rollout estimate is extrapolated from it (and from
 --loop-question if given). The looped cosines are checked against the batched
-ones on the looped nodes.
+ones on the looped nodes. Times are wall and process CPU time: on a shared
+machine CPU time is the steadier figure.
 """
 
 from __future__ import annotations
@@ -101,53 +102,69 @@ def build_vectors(lm, prompt, gen, n_nodes: int, n_teachers: int, seed: int):
     return nodes, vectors, pairs
 
 
+class Clock:
+    """Wall and process CPU time since start (CPU time is the steadier figure
+    on a shared machine: other processes' load stretches wall time only)."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def looped(lm, space, prompt, gen, nodes, vectors, pairs, loop_nodes: int, loop_question: bool):
-    """Brute force: one forward, then a Python loop of full backward passes."""
+    """Brute force: one forward, then a Python loop of full backward passes,
+    one per vector (and node), over every selected parameter; dot products per
+    parameter tensor (float32), summed in float64."""
     model = lm.model
     params = [p for _, p in select_parameters(model, space)]
     flags = {p: p.requires_grad for p in model.parameters()}
     names = list(dict.fromkeys(n for pair in pairs.values() for n in pair))
     keep = {a for a, _ in pairs.values()}  # grads kept to dot with the others
+
+    def dot(x, y):
+        return sum(float(torch.dot(a.reshape(-1), b.reshape(-1))) for a, b in zip(x, y))
+
     try:
         for p in flags:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        started = time.perf_counter()
+        clock = Clock()
         ids = torch.tensor([prompt + gen[:-1]])
         z = model(input_ids=ids, use_cache=False, logits_to_keep=len(gen)).logits[0][nodes]
-        forward_s = time.perf_counter() - started
+        forward = clock.read()
 
         def run(objective_of):
             kept, sq, dots = {}, {}, {}
             for name in names:
                 grads = torch.autograd.grad(objective_of(name), params, retain_graph=True)
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                del grads
-                sq[name] = float(flat.double().square().sum())
+                sq[name] = dot(grads, grads)
                 for row, (a, b) in pairs.items():
                     if b == name and a in kept:
-                        dots[row] = float((kept[a] @ flat).item())
+                        dots[row] = dot(kept[a], grads)
                     elif a == name and b in kept:
-                        dots[row] = float((kept[b] @ flat).item())
+                        dots[row] = dot(kept[b], grads)
                 if name in keep:
-                    kept[name] = flat
+                    kept[name] = grads
+                del grads
             return {row: dots[row] / (sq[a] * sq[b]) ** 0.5 for row, (a, b) in pairs.items()}
 
         per_node, node_times = [], []
         for n in range(loop_nodes):
-            started = time.perf_counter()
+            clock = Clock()
             per_node.append(run(lambda name, n=n: (z[n] * vectors[name][n]).sum()))
-            node_times.append(time.perf_counter() - started)
-        question, question_s = None, None
+            node_times.append(clock.read())
+        question, question_time = None, None
         if loop_question:
-            started = time.perf_counter()
+            clock = Clock()
             question = run(lambda name: (z * vectors[name]).sum())
-            question_s = time.perf_counter() - started
+            question_time = clock.read()
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return forward_s, per_node, node_times, question, question_s
+    return forward, per_node, node_times, question, question_time
 
 
 def main(argv=None) -> int:
@@ -160,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--teachers", type=int, default=5)
     parser.add_argument("--loop-nodes", type=int, default=1, help="nodes to loop over (each costs a full backward per vector)")
     parser.add_argument("--loop-question", action="store_true", help="also loop the per-question gradients")
-    parser.add_argument("--no-rank-run", action="store_true", help="skip the run without rank reduction")
+    parser.add_argument("--no-rank", action="store_true", help="also run the batched path without rank reduction")
     parser.add_argument("--memory", default=None, help="gradient memory limit, e.g. 4GiB (default: $GADIAG_GRAD_MEMORY or 2GiB)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -178,43 +195,51 @@ def main(argv=None) -> int:
     print(f"rollout: prompt {len(prompt)} + generated {len(gen)} tokens; {len(nodes)} nodes x {K} vectors, {len(pairs)} pairs "
           f"(setup {time.perf_counter() - started:.1f} s)")
 
-    runs = [("batched", True)] + ([] if args.no_rank_run else [("batched, no rank reduction", False)])
+    runs = [("batched", True)] + ([("batched, no rank reduction", False)] if args.no_rank else [])
     results = {}
     for label, reduce in runs:
-        stats = {}
-        started = time.perf_counter()
+        stats, clock = {}, Clock()
         scores = alignment_scores(args.space, lm, prompt, gen, nodes, vectors, pairs, memory_limit=args.memory, reduce_rank=reduce, stats=stats)
-        total = time.perf_counter() - started
-        results[label] = (scores, stats, total)
+        wall, cpu = clock.read()
+        results[label] = (scores, stats, wall, cpu)
         print(
-            f"{label:28s} total {total:7.1f} s: forward {stats['forward_s']:.1f} s, per-node {stats['node_s']:.1f} s "
-            f"({stats['node_rows']} rows), per-question {stats['question_s']:.1f} s ({stats['question_rows']} rows); "
-            f"{stats['backward_calls']} backward calls of <= {stats['capacity']} rows ({stats['row_bytes'] / 2**20:.0f} MiB each)"
+            f"{label}: wall {wall:.1f} s, cpu {cpu:.1f} s (forward {stats['forward_s']:.1f} s, per-node {stats['node_s']:.1f} s "
+            f"for {stats['node_rows']} rows, per-question {stats['question_s']:.1f} s for {stats['question_rows']} rows; "
+            f"{stats['backward_calls']} batched backward calls of <= {stats['capacity']} rows, {stats['row_bytes'] / 2**20:.0f} MiB per row)"
         )
 
-    fwd_s, per_node, node_times, question, question_s = looped(
+    forward, per_node, node_times, question, question_time = looped(
         lm, args.space, prompt, gen, nodes, vectors, pairs, args.loop_nodes, args.loop_question
     )
     scores = results["batched"][0]
     err = max(abs(float(scores[row][0][n]) - per_node[n][row]) for n in range(len(per_node)) for row in pairs)
     if question is not None:
         err = max(err, max(abs(scores[row][1] - question[row]) for row in pairs))
-    loop_node_ms = 1000 * sum(node_times) / len(node_times)
-    loop_q_s = question_s if question_s is not None else loop_node_ms / 1000  # one backward per vector either way
-    loop_total = fwd_s + len(nodes) * loop_node_ms / 1000 + loop_q_s
-    print(f"{'looped':28s} forward {fwd_s:.1f} s, {loop_node_ms:.0f} ms per node ({K} backward passes, {len(node_times)} node(s) timed)"
-          + (f", per-question {question_s:.1f} s" if question_s is not None else ", per-question estimated = one node"))
-    print(f"max |cos batched - cos looped| = {err:.1e}")
+    loop_wall = sum(w for w, _ in node_times) / len(node_times)
+    loop_cpu = sum(c for _, c in node_times) / len(node_times)
+    print(
+        f"looped: forward {forward[0]:.1f} s, per node wall {loop_wall:.1f} s, cpu {loop_cpu:.1f} s "
+        f"({K} full backward passes; {len(node_times)} node(s) timed)"
+        + (f"; per-question wall {question_time[0]:.1f} s, cpu {question_time[1]:.1f} s" if question_time else "")
+    )
+    print(f"max |cos batched - cos looped| over the looped nodes{' and the question' if question else ''}: {err:.1e}")
     print()
-    print("per-node cost (backward + Gram, forward excluded):")
-    for label, (_, stats, total) in results.items():
-        node_ms = 1000 * stats["node_s"] / len(nodes)
-        print(f"  {label:28s} {node_ms:8.0f} ms/node   looped/batched = {loop_node_ms / node_ms:.2f}x")
-    print(f"  {'looped':28s} {loop_node_ms:8.0f} ms/node")
-    print("per rollout (forward + all nodes + per-question):")
-    for label, (_, stats, total) in results.items():
-        print(f"  {label:28s} {total:8.1f} s   looped/batched = {loop_total / total:.2f}x")
-    print(f"  {'looped (extrapolated)':28s} {loop_total:8.1f} s")
+    print("per-node cost (backward passes + Gram; the one shared forward excluded), ms per node:")
+    print(f"  {'':28s} {'wall':>8s} {'cpu':>8s}   looped/batched (wall, cpu)")
+    for label, (_, stats, wall, cpu) in results.items():
+        node_wall = 1000 * stats["node_s"] / len(nodes)
+        node_cpu = 1000 * stats["node_cpu_s"] / len(nodes)
+        print(f"  {label:28s} {node_wall:8.0f} {node_cpu:8.0f}   {1000 * loop_wall / node_wall:.2f}x, {1000 * loop_cpu / node_cpu:.2f}x")
+    print(f"  {'looped':28s} {1000 * loop_wall:8.0f} {1000 * loop_cpu:8.0f}")
+    # Looped rollout: forward + every node + the per-question gradients (one
+    # backward per vector, like one node, unless measured).
+    q_wall, q_cpu = question_time if question_time else (loop_wall, loop_cpu)
+    total_wall = forward[0] + len(nodes) * loop_wall + q_wall
+    total_cpu = forward[1] + len(nodes) * loop_cpu + q_cpu
+    print("per rollout (forward + all nodes + per-question), s:")
+    for label, (_, stats, wall, cpu) in results.items():
+        print(f"  {label:28s} {wall:8.1f} {cpu:8.1f}   {total_wall / wall:.2f}x, {total_cpu / cpu:.2f}x")
+    print(f"  {'looped (extrapolated)':28s} {total_wall:8.1f} {total_cpu:8.1f}")
     load = os.getloadavg()
     print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0

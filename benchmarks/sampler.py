@@ -1,7 +1,7 @@
 """Rollout-sampler benchmark: the `prefix` sampler, the `batched` sampler and
 Hugging Face `generate` on one continuation workload, plus the matmul roofline.
 
-The workload is the estimator's: P prefixes (prompts of the `math` task) ×
+The workload is the estimator's: P prefixes (chat prompts of short word problems) ×
 C candidate first tokens (the student's top tokens there, forced) × M
 continuations each, up to N new tokens (the forced one included), plain
 temperature sampling. Every method runs in this one process on the same torch
@@ -80,15 +80,28 @@ def linear_flops_per_token(model) -> int:
     return 2 * total
 
 
+# Fixed questions (not the `math` task's, so that edits to the task do not move the benchmark).
+QUESTIONS = [
+    "A baker makes 24 rolls in the morning and 17 in the afternoon. He sells 29. How many rolls are left?",
+    "What is 13 times 7, minus 18?",
+    "Tom has 3 boxes with 12 pencils each. He gives away 9 pencils. How many pencils does he have now?",
+    "A train travels 45 km every hour. How far does it travel in 6 hours?",
+    "What is the sum of all whole numbers from 1 to 12?",
+    "Sara reads 14 pages a day. How many pages has she read after 9 days?",
+    "A rectangle is 8 cm wide and 15 cm long. What is its area in square centimetres?",
+    "What is 256 divided by 8, plus 17?",
+]
+INSTRUCTION = "Solve the problem step by step, briefly. End with 'The answer is N.' where N is a number.\n\nProblem: "
+
+
 def build_workload(lm, prefixes: int, candidates: int, continuations: int, new_tokens: int, seed: int):
     """(prefix ids, candidate ids) per prefix and the ContinuationRequests, prefix-major."""
     from gadiag_core.interfaces import ContinuationRequest
-    from gadiag_core.registry import load_registry
 
-    task = load_registry().create("task", "math")
     groups = []
-    for problem in task.problems(prefixes, seed):
-        ids = lm.encode_messages(task.student_messages(problem))
+    for p in range(prefixes):
+        question = QUESTIONS[p % len(QUESTIONS)] + ("" if p < len(QUESTIONS) else f" (variant {p // len(QUESTIONS)})")
+        ids = lm.encode_messages([{"role": "user", "content": INSTRUCTION + question}])
         with torch.inference_mode():
             logits = lm.model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
         cands = logits.topk(candidates).indices.tolist()

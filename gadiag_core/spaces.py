@@ -342,6 +342,22 @@ def _head_of(model, space: str) -> torch.nn.Linear:
     return head
 
 
+def _sequence(prompt_ids, generated_ids, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids [L] and the position of each node [N]. Node t is read at
+    position len(prompt) + t − 1 of prompt + generated[:-1] (as node_logits
+    does); the sequence stops at the last node, since nothing later can change
+    the logits or the gradients there (causal model)."""
+    prompt_ids = [int(i) for i in prompt_ids]
+    generated_ids = [int(i) for i in generated_ids]
+    if not prompt_ids:
+        raise ValueError("alignment_scores needs a non-empty prompt")
+    positions = len(prompt_ids) + nodes.long() - 1
+    if int(nodes.min()) < 0 or int(nodes.max()) >= len(generated_ids):
+        raise ValueError(f"node indices must lie in 0 … {len(generated_ids) - 1}, got {nodes.tolist()}")
+    ids = torch.tensor(prompt_ids + generated_ids[:-1], dtype=torch.long)[: int(positions.max()) + 1]
+    return ids, positions
+
+
 class _Forward:
     """One forward pass of prompt + generated[:-1] with hooks. Attributes:
 
@@ -432,7 +448,8 @@ class _ParamsEngine:
     * the output head (closed form, from u and the hidden states at the nodes);
     * the input embedding, when a plain nn.Embedding: its gradient on the used
       token rows, from the gradient at its output (plus the head's cross terms
-      when tied);
+      when tied); any other embedding module's weight is a body parameter
+      (materialised, with the cross terms when tied);
     * the body: every nn.Linear whose weight only it uses is "ghosted" when the
       sequence is shorter than its input width: its weight-gradient Gram is
       ⟨Δ_i, X Xᵀ Δ_j⟩ from the gradient Δ at its output and its input X, so the
@@ -452,25 +469,17 @@ class _ParamsEngine:
         self.head_b = b is not None and id(b) in sel_ids
         self.tied = E is W
         self.embed_rows = type(embedding) is torch.nn.Embedding and E is not None and id(E) in sel_ids
-        if self.tied and self.head_w and not self.embed_rows and embedding is not None:
-            raise UsageError(
-                f"gradient space {space!r}: the tied embedding is used by a {type(embedding).__name__} "
-                "that gadiag cannot split from the head; leave the embedding out of the selection"
-            )
+        # A tied weight whose embedding use is not a plain nn.Embedding (e.g. a
+        # scaled subclass): its embedding-use gradient is materialised like a
+        # body parameter, and its cross terms with the head's u hᵀ added.
+        self.tied_dense = self.tied and self.head_w and not self.embed_rows
         special = {id(W)} | ({id(b)} if b is not None else set()) | ({id(E)} if self.embed_rows else set())
-        body = [(n, p) for n, p in selected if id(p) not in special]
+        body = [(n, p) for n, p in selected if id(p) not in special or (self.tied_dense and p is W)]
         body_ids = {id(p) for _, p in body}
         self.itemsize = W.element_size()
         self.limit = grad_memory_limit(memory_limit)
 
-        prompt_ids = [int(i) for i in prompt_ids]
-        generated_ids = [int(i) for i in generated_ids]
-        if not prompt_ids:
-            raise ValueError("alignment_scores needs a non-empty prompt")
-        self.ids = torch.tensor(prompt_ids + generated_ids[:-1], dtype=torch.long)
-        positions = len(prompt_ids) + nodes.long() - 1
-        if len(positions) and (int(positions.min()) < len(prompt_ids) - 1 or int(positions.max()) >= len(self.ids)):
-            raise ValueError(f"node indices must lie in 0 … {len(generated_ids) - 1}")
+        self.ids, positions = _sequence(prompt_ids, generated_ids, nodes)
         self.device = W.device
 
         owners: dict[int, int] = {}
@@ -500,9 +509,17 @@ class _ParamsEngine:
         self.ghost = [m for m in self.ghost if self.fwd.calls[m]]
         self.kernels: dict = {}
         self.h = self.fwd.head_in[0, self.fwd.rows].detach().double().cpu()  # [N, H]
-        self.has_backward = bool(self.ghost or self.materialized or self.embed_rows)
+        self.has_backward = bool(self.ghost or self.materialized or self.embed_rows) and self.fwd.head_in.requires_grad
         if self.embed_rows:
-            self.unique_ids, self.inverse = torch.unique(self.ids, return_inverse=True)
+            # Rows of the used tokens, as nn.Embedding's backward fills them:
+            # none for padding_idx, 1/count per use with scale_grad_by_freq.
+            self.unique_ids, self.inverse, counts = torch.unique(self.ids, return_inverse=True, return_counts=True)
+            weight = torch.ones(len(self.ids), dtype=torch.float64)
+            if embedding.padding_idx is not None:
+                weight[self.ids == embedding.padding_idx] = 0.0
+            if embedding.scale_grad_by_freq:
+                weight = weight / counts[self.inverse].double()
+            self.use_weight = weight
         self.row_elems = (
             sum(p.numel() for p in self.materialized)
             + sum(y.numel() for m in self.ghost for _, y in self.fwd.calls[m])
@@ -525,9 +542,9 @@ class _ParamsEngine:
                 gram += dots
         else:
             if self.head_w:
+                # ⟨Σ_n u_i[n] h_nᵀ, Σ_m u_j[m] h_mᵀ⟩ = Σ_nm (h_n·h_m)(u_i[n]·u_j[m])
                 hh = self.h @ self.h.T  # [N, N]
-                uu = torch.einsum("inv,jmv->ijnm", u, u)
-                gram += (uu * hh).sum((-1, -2))
+                gram += u.reshape(len(u), -1) @ torch.einsum("nm,jmv->jnv", hh, u).reshape(len(u), -1).T
             if self.head_b:
                 s = u.sum(1)
                 gram += s @ s.T
@@ -540,7 +557,7 @@ class _ParamsEngine:
         in _head_gram)."""
         b = delta.shape[0]
         S = torch.zeros(b, len(self.unique_ids), delta.shape[-1], dtype=torch.float64)
-        S.index_add_(1, self.inverse, delta.double())
+        S.index_add_(1, self.inverse, delta.double() * self.use_weight[None, :, None])
         S = S.reshape(b, -1)
         block = S @ S.T
         if self.tied and self.head_w:
@@ -553,11 +570,20 @@ class _ParamsEngine:
             block += cross + cross.T
         return block
 
+    def _tied_cross(self, group: _Group, rows: list[int], S: torch.Tensor) -> torch.Tensor:
+        """⟨S_i, A_j⟩ for a materialised embedding-use gradient S [b, V, H] of
+        the tied weight and the head's A_j = Σ_n u_j[n] h_nᵀ."""
+        u = group.u[rows].double()
+        if group.node >= 0:
+            return torch.einsum("ivh,h,jv->ij", S, self.h[group.node], u)
+        return torch.einsum("ivh,nh,jnv->ij", S, self.h, u)
+
     def _kernel(self, module) -> torch.Tensor:
         """X Xᵀ [L, L] of a ghost module's inputs (calls stacked along positions)."""
         if module not in self.kernels:
             X = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in self.fwd.calls[module]]).double()
-            self.kernels[module] = (X @ X.T).to(self.fwd.calls[module][0][1].dtype)
+            dtype = torch.promote_types(self.fwd.calls[module][0][1].dtype, torch.float32)
+            self.kernels[module] = (X @ X.T).to(dtype)
         return self.kernels[module]
 
     def _backward(self, chunk: list[tuple[_Group, list[int]]]) -> None:
@@ -576,6 +602,7 @@ class _ParamsEngine:
         inputs = outputs + self.materialized + ([self.fwd.embed] if self.embed_rows else [])
         grads = torch.autograd.grad(head_in, inputs, torch.cat(g_rows), retain_graph=True, is_grads_batched=True, allow_unused=True)
         ghost_grads, rest = grads[: len(outputs)], grads[len(outputs):]
+        rows_total = sum(len(rows) for _, rows in chunk)
         start = 0
         for group, rows in chunk:
             b, stop = len(rows), start + len(rows)
@@ -585,22 +612,28 @@ class _ParamsEngine:
                 calls = self.fwd.calls[module]
                 parts = [ghost_grads[k + c] for c in range(len(calls))]
                 k += len(calls)
-                if any(p is None for p in parts):
-                    parts = [torch.zeros((len(grads[0] if grads[0] is not None else head_in),) + tuple(y.shape), dtype=y.dtype, device=y.device) if p is None else p for p, (_, y) in zip(parts, calls)]
-                # D [L, b, out]: the output gradients of the item's rows, calls stacked along positions.
+                if all(p is None for p in parts):
+                    continue  # the module's output does not reach the nodes
+                parts = [p if p is not None else torch.zeros((rows_total,) + tuple(y.shape), dtype=y.dtype, device=y.device) for p, (_, y) in zip(parts, calls)]
+                # D [b, L, out]: the output gradients of the item's rows, calls stacked along positions.
                 D = [p[start:stop].reshape(b, -1, p.shape[-1]) for p in parts]
                 D = D[0] if len(D) == 1 else torch.cat(D, dim=1)  # [b, L, out]
-                KD = torch.matmul(self._kernel(module), D)
+                K = self._kernel(module)
+                D = D.to(K.dtype)  # float32 at least (bf16 models)
+                KD = torch.matmul(K, D)
                 # Σ_s ⟨D_i[s], (K D_j)[s]⟩: short float32 sums per position, summed in float64.
                 gram = torch.bmm(D.transpose(0, 1), KD.permute(1, 2, 0)).double().sum(0)
                 block += (gram + gram.T) / 2
                 if self.ghost_bias[module]:
                     s = D.double().sum(1)
                     block += s @ s.T
-            for grad in rest[: len(self.materialized)]:
+            for param, grad in zip(self.materialized, rest):
                 if grad is not None:
                     flat = grad[start:stop].reshape(b, -1).double()
                     block += flat @ flat.T
+                    if self.tied_dense and param is self.head.weight:
+                        cross = self._tied_cross(group, rows, flat.view(b, *param.shape).cpu())
+                        block += (cross + cross.T).to(block.device)
             block = block.cpu()
             if self.embed_rows and rest[-1] is not None:
                 block += self._embed_block(group, rows, rest[-1][start:stop, 0].cpu())
@@ -621,12 +654,13 @@ class _ParamsEngine:
         stats.setdefault("backward_calls", 0)
         stats.setdefault("backward_rows", 0)
         for key, part in (("node", [g for g in groups if g.node >= 0]), ("question", [g for g in groups if g.node < 0])):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             if self.has_backward:
                 self._plan_and_run(part, stats)
             for group in part:
                 group.gram += self._head_gram(group)
             stats[f"{key}_s"] = time.perf_counter() - started
+            stats[f"{key}_cpu_s"] = time.process_time() - cpu
             stats[f"{key}_rows"] = sum(len(g.u) for g in part)
 
     def capacity(self) -> int:
@@ -709,10 +743,11 @@ def alignment_scores(
     memory_limit: bytes for a chunk of parameter gradients (params* spaces);
                   default: $GADIAG_GRAD_MEMORY or 2 GiB
     reduce_rank:  skip back-propagating vectors that depend linearly on others
-    stats:        if a dict, filled with timings (s) and counts of the call:
-                  forward_s, node_s, question_s, node_rows, question_rows,
-                  backward_calls, backward_rows, capacity (rows per backward),
-                  row_bytes (gradient bytes per row), vectors
+    stats:        if a dict, filled (params* spaces) with timings in s, wall
+                  and process CPU (forward_s, node_s, question_s, *_cpu_s) and
+                  counts: node_rows, question_rows (vectors back-propagated),
+                  backward_calls, backward_rows, capacity (rows per batched
+                  backward), row_bytes (gradient bytes per row), vectors
     returns:      row name -> (per-node cosine [N] float64, per-question cosine)
     """
     spec = parse_space(space)
@@ -731,9 +766,7 @@ def alignment_scores(
     if spec.kind == "hidden":
         head = _head_of(model, space)
         flags = {p: p.requires_grad for p in _unique_params(model)}
-        prompt_ids = [int(i) for i in prompt_ids]
-        ids = torch.tensor(prompt_ids + [int(i) for i in generated_ids][:-1], dtype=torch.long)
-        positions = len(prompt_ids) + nodes - 1
+        ids, positions = _sequence(prompt_ids, generated_ids, nodes)
         try:
             for p in flags:
                 p.requires_grad_(False)
@@ -746,10 +779,11 @@ def alignment_scores(
         return {row: _cosines(g[index[a]], g[index[b]]) for row, (a, b) in pairs.items()}
 
     stats = {} if stats is None else stats
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     engine = _ParamsEngine(model, space, prompt_ids, generated_ids, nodes, memory_limit)
     u = engine.head_grads(stacked.to(engine.device)).float().cpu()  # [K, N, V]
     stats["forward_s"] = time.perf_counter() - started
+    stats["forward_cpu_s"] = time.process_time() - cpu
     stats["vectors"] = len(names)
     stats["row_bytes"] = engine.row_elems * engine.itemsize
     stats["capacity"] = engine.capacity()

@@ -15,27 +15,33 @@ forced to start with the candidate. Cost T × K × M continuations.
 1. Screen. One forward pass gave π at every node; nodes with
    1 − π_max < ε are skipped (‖a*‖₁ ≤ 2(1 − π_max)/τ, reported as
    `screen_bound`).
-2. Value backbone. Free (unforced) continuations estimate V(u_t) on a coarse
-   grid of nodes; V(u_T) = R(y) is exact when the rollout ended (EOS or the
-   length limit). Every segment [a, b] of the grid whose end values differ
-   (|V̂_a − V̂_b| > `delta` and > `z` standard errors) is bisected, until the
-   differing segments are single tokens: the pivotal nodes. Since
-   V(u_{t+1}) − V(u_t) = Q(u_t, y_t) − V(u_t) and y_t ~ π, the expected
-   jump at a node is E_y|Q_y − V| = τ‖a*‖₁: the backbone finds the nodes whose
-   ideal vector is large, in proportion to it.
-3. Targets. The eligible pivotal nodes, largest jump first (at most
-   `max_nodes`), each with its candidate set. Candidates whose continuation
-   ends at once (an EOS id, or the last position the length limit allows) have
-   Q computed exactly by the verifier (no sampling).
+2. Value backbone. Free (unforced) continuations estimate V(u_t) at a coarse
+   grid of the eligible nodes (about `backbone_points` intervals); V(u_T) = R(y)
+   is exact when the rollout ended (EOS or the length limit). V only jumps
+   where the student is uncertain: V(u_{t+1}) − V(u_t) = Q(u_t, y_t) − V(u_t),
+   and over y_t ~ π its expected size is E_y|Q_y − V| = τ‖a*‖₁ ≤ 2(1 − π_max).
+   So a segment between two V-points whose values differ (|V̂_a − V̂_b| >
+   `delta` and > `z` standard errors) is split at its middle eligible node,
+   until it holds a single eligible node: that node is pivotal (it finds the
+   nodes whose ideal vector is large, in proportion to it). A comparison with a
+   gap above delta that is not yet significant first gets more samples at both
+   ends (doubling, up to `value_growth` × continuations per point).
+3. Targets. The pivotal nodes, largest jump first (at most `max_nodes`), each
+   with its candidate set. A rollout with at most `direct_nodes` eligible nodes
+   skips steps 2–3 (testing a node costs about as much as estimating it): its
+   eligible nodes are targeted directly, the `max_nodes` most uncertain.
+   Candidates whose continuation ends at once (an EOS id, or the last position
+   the length limit allows) get Q exactly from the verifier (no sampling;
+   counts 0, q_se 0).
 4. Adaptive allocation. Each candidate first gets one sample in each half
-   (forced continuations where reuse did not already provide them). Then
-   rounds of continuations go to the (node, candidate) pairs with the largest
-   reduction of the noise energy of â per sampled token,
-   ‖M e_k‖² Var(Q̂_k) / (n_k (n_k + 1)) / L_t   (‖M e_k‖² ≈ π_k², M the map
-   Q̂ → â; L_t the expected continuation length from node t), until the
-   estimated relative error sqrt(N̂ / Ê‖a*‖²) of the rollout's ideal vector is
-   at most `target_error`, or the pools hold `continuations` samples per
-   candidate on average, or a hard budget is reached.
+   (forced continuations). Then rounds of continuations go to the
+   (node, candidate) pairs with the largest reduction of the noise energy of â
+   per sampled token, ‖M e_k‖² Var(Q̂_k) / (n_k (n_k + 1)) / L_t (‖M e_k‖² ≈
+   π_k², M the linear map Q̂ → â; L_t the expected continuation length from
+   node t), until the estimated relative error sqrt(N̂ / Ê‖a*‖²) of the
+   rollout's ideal vector (Laplace variances, conservative) is at most
+   `target_error`, or the pools hold `continuations` samples per candidate on
+   average, or a hard budget is reached.
 
 Reuse. Every continuation is indexed by the path it takes along the rollout
 and counted in every estimate it informs:
@@ -46,9 +52,18 @@ and counted in every estimate it informs:
 Conditional on the path up to (t, k), the rest of a continuation is drawn from
 π, so each such reward is Bernoulli(Q(u_t, k)) and independent of the others:
 pooled means are unbiased (tests/test_estimators.py checks it against the
-exact environment). The rollout's own reward is never used as a sample (the
-rollout is given, with its outcome, so it is not a fair draw), except where it
-is the exact value: Q(u_{T−1}, y_{T−1}) = V(u_T) = R(y) for a finished rollout.
+exact environment). Two exceptions keep it so:
+  * the rollout's own reward is never a sample (the rollout is given, with its
+    outcome, so it is not a fair draw), except where it is the exact value:
+    Q(u_{T−1}, y_{T−1}) = V(u_T) = R(y) for a finished rollout;
+  * selection: the backbone continuations that decided which nodes are
+    targeted are not reused in the Q̂ of the targeted nodes (they were chosen
+    because their values differ, so reusing them inflates |Q̂_y − V̂|: a
+    winner's curse; `gadiag-harness selfcheck` measured the bias of â at 0.31
+    noise SDs with that reuse, 0.18 without, 0.12 for `uniform`). Q pools at targeted nodes hold the
+    continuations drawn after the selection, and within them every reuse above
+    applies (a forced continuation (t, y_t) is a free draw at u_{t+1}, …).
+    `reuse_selection = true` reuses them anyway (cheaper, biased).
 
 Halves. Each continuation belongs to one half (0/1), fixed when it is planned
 from counts only (free ones by their sample index, forced ones to the emptier
@@ -452,7 +467,10 @@ class UniformEstimator(GradientEstimator):
         max_candidates: int = 4,
         continuations: int = 4,
         max_nodes: int | None = None,
+        rollouts_total: int | None = None,
     ):
+        """rollouts_total is accepted (so a pipeline can pass it to any built-in
+        estimator) and unused: uniform has a fixed design, no budget caps."""
         if not 0 <= screen_epsilon < 1:
             raise UsageError("estimator option screen_epsilon must be in [0, 1)")
         if not isinstance(continuations, int) or continuations < 2:
@@ -514,16 +532,21 @@ class TargetedEstimator(GradientEstimator):
       continuations (4)       free continuations per backbone point, and the mean
                               number of samples per candidate the allocation may reach
       max_nodes (6)           most pivotal nodes scored per rollout (None: all)
-      backbone_points (8)     initial grid: about this many intervals along the rollout
-      delta (0.15)            a segment is pivotal if its end values differ by more …
-      z (1.0)                 … and by more than z standard errors of the difference
+      backbone_points (4)     initial grid: about this many intervals over the eligible nodes
+      delta (0.1)             a segment is pivotal if its end values differ by more …
+      z (1.5)                 … and by more than z standard errors of the difference
+      value_growth (2.0)      unsure comparisons: up to this × continuations per V-point
       target_error (0.25)     stop when the estimated relative RMS error of the
                               rollout's ideal vector is at most this (0: never early)
       max_tokens, max_continuations                per-rollout hard caps (None)
       run_max_tokens, run_max_continuations        per-run hard caps, spread evenly
       rollouts_total          rollouts in the run (needed by the run caps)
       reuse (true)            count every continuation in every estimate it informs
+      reuse_selection (false) also reuse the selection samples at targeted nodes (biased)
       max_rounds (8)          sampler calls of the allocation phase
+      direct_nodes (8)        rollouts with at most this many eligible nodes skip
+                              the backbone: their eligible nodes (the max_nodes most
+                              uncertain) are targeted directly (0: always bisect)
     """
 
     name = "targeted"
@@ -549,6 +572,7 @@ class TargetedEstimator(GradientEstimator):
         max_rounds: int = 8,
         value_growth: float = 2.0,
         reuse_selection: bool = False,
+        direct_nodes: int = 8,
     ):
         if not 0 <= screen_epsilon < 1:
             raise UsageError("estimator option screen_epsilon must be in [0, 1)")
@@ -583,6 +607,9 @@ class TargetedEstimator(GradientEstimator):
         self.max_rounds = int(max_rounds)
         self.value_growth = float(value_growth)
         self.reuse_selection = bool(reuse_selection)
+        if not isinstance(direct_nodes, int) or direct_nodes < 0:
+            raise UsageError("estimator option direct_nodes must be an integer >= 0")
+        self.direct_nodes = direct_nodes
         self.token_cap = _per_rollout_cap(max_tokens, run_max_tokens, rollouts_total, "tokens")
         self.continuation_cap = _per_rollout_cap(max_continuations, run_max_continuations, rollouts_total, "continuations")
         # Totals over the estimator's lifetime (one run), for reporting only:
@@ -631,7 +658,7 @@ class TargetedEstimator(GradientEstimator):
         nodes and at the end; a segment [a, b) that differs is split at its
         middle eligible node until it holds one: that node is pivotal. An
         unsure comparison (gap > delta, not significant) first gets more
-        samples at both ends (doubling, up to 4 × continuations).
+        samples at both ends (doubling, up to value_growth × continuations).
         Returns (values, pivotal [(node, gap)], unresolved [(nodes, gap)], points)."""
         T = pool.T
         stride = max(1, math.ceil(len(eligible) / self.backbone_points))
@@ -807,6 +834,7 @@ class TargetedEstimator(GradientEstimator):
             "backbone_continuations": 0,
             "backbone_tokens": 0,
             "allocation_rounds": 0,
+            "direct": 0,
             "exact_candidates": 0,
             "reused_samples": 0,
             "covered_mass_sum": 0.0,
@@ -816,14 +844,20 @@ class TargetedEstimator(GradientEstimator):
 
         exact_end = pool.verify_ids(pool.y) if pool.finished() else None
         eligible = (spread >= self.screen_epsilon).nonzero().flatten().tolist()
-        values, pivotal, unresolved, n_points = self._backbone(pool, budget, exact_end, eligible)
-        info.update(
-            value_points=n_points,
-            pivotal_segments=len(pivotal) + len(unresolved),
-            backbone_continuations=len(pool.conts),
-            backbone_tokens=pool.tokens,
-        )
-        nodes = self._targets(spread, pivotal, unresolved)
+        if len(eligible) <= self.direct_nodes:
+            # Few uncertain nodes: testing each one would cost about as much as
+            # estimating it, so target them directly (the most uncertain first).
+            nodes = select_nodes(probs, self.screen_epsilon, self.max_nodes)
+            info["direct"] = 1
+        else:
+            values, pivotal, unresolved, n_points = self._backbone(pool, budget, exact_end, eligible)
+            info.update(
+                value_points=n_points,
+                pivotal_segments=len(pivotal) + len(unresolved),
+                backbone_continuations=len(pool.conts),
+                backbone_tokens=pool.tokens,
+            )
+            nodes = self._targets(spread, pivotal, unresolved)
         if not self.reuse_selection:
             pool.q_floor = len(pool.conts)
         targets = []

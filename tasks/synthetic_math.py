@@ -2,21 +2,25 @@
 
 Levels (each shown to the student after one worked example of the same level,
 as a previous user/assistant exchange; every solution is one line ending in
-"The answer is N."), hardest last. The pass rates are SmolLM2-135M-Instruct's
-at temperature 1 with the worked example (tasks/measure_pass_rates.py, 40
-problems each; see MEASURED):
+"The answer is N."), roughly easiest first:
 
     L1  one-digit addition                     What is 3 + 5?
-    L2  two-digit plus one-digit, no carry     What is 23 + 4?
-    L3  one-step word problem                  Sam has 7 apples. He buys 5 more. How many ...?
+    L2  one-digit subtraction                  What is 8 - 3?
+    L3  two-digit plus one-digit, no carry     What is 23 + 4?
     L4  one-digit a + b - c                    What is 7 + 5 - 3?
-    L5  two-digit plus one-digit, with carry   What is 47 + 8?
-    L6  two-step word problem                  Sam has 7 apples. He buys 5 more. Then he ...
-    L7  three-step word problem                ... then ... then ...
+    L5  one-step word problem                  Sam has 7 apples. He buys 5 more. How many ...?
+    L6  two-digit plus one-digit, with carry   What is 47 + 8?
+    L7  two-step word problem                  Sam has 7 apples. He buys 5 more. Then he ...
+    L8  three-step word problem                ... then ... then ...
+
+Pass rates of the default student are in MEASURED (re-measure with
+``python -m gadiag_tasks.measure_pass_rates --samples 40``).
 
 Problems cycle through the configured levels (problem i has level
 ``levels[i % len(levels)]``) and are generated from (seed, i) alone, so the
-first n problems of a seed are the same whatever count is asked for.
+first n problems of a seed are the same whatever count is asked for. The
+random stream of a level is keyed by its generator (``Level.key``), not by its
+L-number, so renumbering the ladder does not change any problem.
 
 Options (the ``[task]`` table of harness.toml):
     levels          which levels, e.g. [1, 2, 3] or ["L1", "L4"]; default DEFAULT_LEVELS
@@ -54,6 +58,12 @@ def _add_subtract(rng: random.Random) -> Draw:
             break
     s = a + b
     return f"What is {a} + {b} - {c}?", s - c, f"{a} + {b} = {s}. {s} - {c} = {s - c}."
+
+
+def _one_digit_subtraction(rng: random.Random) -> Draw:
+    a = rng.randint(2, 9)
+    b = rng.randint(1, a - 1)
+    return f"What is {a} - {b}?", a - b, f"{a} - {b} = {a - b}."
 
 
 def _two_digit_no_carry(rng: random.Random) -> Draw:
@@ -103,7 +113,8 @@ def _word_problem(rng: random.Random, steps: int) -> Draw:
 
 @dataclass(frozen=True)
 class Level:
-    name: str
+    name: str  # what users type: L1, L2, ...
+    key: str  # seeds the level's random stream and its worked example
     description: str
     draw: Callable[[random.Random], Draw]
 
@@ -111,19 +122,26 @@ class Level:
 LEVELS: dict[str, Level] = {
     level.name: level
     for level in [
-        Level("L1", "one-digit addition (What is 3 + 5?)", _one_digit_addition),
-        Level("L2", "two-digit plus one-digit, no carry (23 + 4)", _two_digit_no_carry),
-        Level("L3", "one-step word problem (add or subtract)", lambda rng: _word_problem(rng, 1)),
-        Level("L4", "one-digit a + b - c", _add_subtract),
-        Level("L5", "two-digit plus one-digit, with a carry (47 + 8)", _two_digit_carry),
-        Level("L6", "two-step word problem (add/subtract)", lambda rng: _word_problem(rng, 2)),
-        Level("L7", "three-step word problem (add/subtract)", lambda rng: _word_problem(rng, 3)),
+        Level("L1", "add1", "one-digit addition (3 + 5)", _one_digit_addition),
+        Level("L2", "sub1", "one-digit subtraction (8 - 3)", _one_digit_subtraction),
+        Level("L3", "add2", "two-digit plus one-digit, no carry (23 + 4)", _two_digit_no_carry),
+        Level("L4", "addsub1", "one-digit a + b - c (7 + 5 - 3)", _add_subtract),
+        Level("L5", "word1", "one-step word problem (add or subtract)", lambda rng: _word_problem(rng, 1)),
+        Level("L6", "carry2", "two-digit plus one-digit, with a carry (47 + 8)", _two_digit_carry),
+        Level("L7", "word2", "two-step word problem (add/subtract)", lambda rng: _word_problem(rng, 2)),
+        Level("L8", "word3", "three-step word problem (add/subtract)", lambda rng: _word_problem(rng, 3)),
     ]
 }
 
-# The levels whose pass rates span the default student's ability (0.2-0.8 at
-# temperature 1): questions it sometimes solves carry the most signal.
+# Pass rates of SmolLM2-135M-Instruct (the default student) at temperature 1,
+# plain sampling, one worked example, 40 problems per level (seed 0), task
+# version 1.0: level -> (pass rate, mean completion tokens).
+MEASURED: dict[str, tuple[float, float]] = {}
+
+# The levels whose pass rates lie in the default student's range (about 0.2-0.8):
+# questions it sometimes solves carry the most signal.
 DEFAULT_LEVELS = ("L1", "L2", "L3", "L4")
+
 
 def parse_levels(levels) -> tuple[str, ...]:
     """Level names from 1, "1", "L1", "l1", a list of those, or "1,2,3"."""
@@ -185,15 +203,22 @@ class SyntheticMath(Task):
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise UsageError(f"task 'math': the number of problems must be a non-negative integer, got {count!r}")
         out: list[Problem] = []
-        # Never ask the worked example itself; avoid repeats inside a level.
-        seen = {level: {self.example(level).question} for level in self.levels}
+        examples = {level: self.example(level).question for level in self.levels}
+        seen: dict[str, set[str]] = {level: set() for level in self.levels}
         for index in range(count):
             level = self.levels[index % len(self.levels)]
-            # Seeded from (seed, index, level) only: a prefix does not depend on count.
-            rng = random.Random(f"gadiag-math:{seed}:{index}:{level}")
-            for _ in range(self._DEDUP_TRIES):
+            # Seeded from (seed, index, level) and the earlier problems only: a
+            # prefix does not depend on count.
+            rng = random.Random(f"gadiag-math:{seed}:{index}:{LEVELS[level].key}")
+            tries = 0
+            while True:
                 problem = self._make(level, rng, index)
-                if problem.question not in seen[level]:
+                # Never ask the worked example itself; avoid repeats inside a
+                # level while the level has unused questions left.
+                if problem.question == examples[level]:
+                    continue
+                tries += 1
+                if problem.question not in seen[level] or tries >= self._DEDUP_TRIES:
                     break
             seen[level].add(problem.question)
             out.append(problem)
@@ -201,7 +226,7 @@ class SyntheticMath(Task):
 
     def example(self, level: str) -> Problem:
         """The fixed worked example shown before questions of `level`."""
-        return self._make(level, random.Random(f"gadiag-math:worked-example:{level}"), 0)
+        return self._make(level, random.Random(f"gadiag-math:worked-example:{LEVELS[level].key}"), 0)
 
     # -- prompt ---------------------------------------------------------------
 

@@ -47,6 +47,8 @@ def _problem(lm, prompt_len=12, gen_len=9, nodes=(0, 3, 4, 8), seed=0, extra=())
     g = torch.Generator().manual_seed(seed)
     V = lm.vocab_size
     prompt = torch.randint(4, V, (prompt_len,), generator=g).tolist()
+    prompt[2] = prompt[5] = lm.model.get_input_embeddings().padding_idx  # a row nn.Embedding never updates
+    prompt[7] = prompt[3]  # a token used twice
     gen = torch.randint(4, V, (gen_len,), generator=g).tolist()
     nodes = torch.tensor(nodes)
     vectors = {k: torch.randn(len(nodes), V, generator=g) for k in ("a", "b", "c", "d", *extra)}
@@ -121,9 +123,10 @@ def test_space_matches_brute_force(models, space, tie):
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_long_sequence_materialised_path(models, tie):
     """A sequence longer than the 32-wide inputs: those linears' gradients are
-    materialised, the 64-wide down_proj is still ghosted; both must agree."""
+    materialised, the 64-wide down_proj is still ghosted; both must agree. The
+    last node is not the last token, so the sequence is cut after it."""
     lm = models[tie]
-    problem = _problem(lm, prompt_len=30, gen_len=14, nodes=(1, 7, 13), seed=1)
+    problem = _problem(lm, prompt_len=30, gen_len=14, nodes=(1, 7, 10), seed=1)  # the last 3 tokens are cut
     for space in ("params", "params:last1"):
         assert_close(alignment_scores(space, lm, *problem), brute_force(lm, space, *problem))
 
@@ -173,6 +176,36 @@ def test_postprocessed_logits(tmp_path):
         assert_close(alignment_scores(space, lm, *problem), brute_force(lm, space, *problem))
 
 
+class ScaledEmbedding(torch.nn.Embedding):
+    """An embedding subclass with its own forward (as Gemma's scaled one)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 1.5
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_embedding_subclass(tmp_path, tie):
+    """Not a plain nn.Embedding: its weight's gradient is materialised (tied:
+    plus the cross terms with the head's use)."""
+    lm = make_tiny_lm(tmp_path, tie=tie)
+    lm.model.get_input_embeddings().__class__ = ScaledEmbedding
+    problem = _problem(lm)
+    for space in ("params", "params:re:embed_tokens"):
+        assert_close(alignment_scores(space, lm, *problem), brute_force(lm, space, *problem))
+
+
+def test_bfloat16_model_runs(tmp_path):
+    lm = make_tiny_lm(tmp_path / "f32", tie=True)
+    from gadiag_core.lm import load_lm
+
+    low = load_lm(str(tmp_path / "f32"), dtype="bfloat16")
+    problem = _problem(lm)
+    for space in ("hidden", "params"):
+        exact, approx = alignment_scores(space, lm, *problem), alignment_scores(space, low, *problem)
+        for row in exact:
+            assert torch.allclose(approx[row][0], exact[row][0], atol=0.1)
+
+
 # ----------------------------------------------------------------------------
 # Batching, rank reduction, memory guard
 
@@ -185,16 +218,16 @@ def test_rank_reduction_and_chunking_agree(models, monkeypatch):
     reduced = alignment_scores("params", lm, *problem, memory_limit="1GiB", stats=base_stats)
     assert base_stats["node_rows"] < full_stats["node_rows"]  # e and f are not back-propagated
     assert base_stats["backward_calls"] == full_stats["backward_calls"] == 2  # nodes batched together, then the question
-    assert_close(reduced, base, tol=1e-6)
+    assert_close(reduced, base, tol=2e-6)
     row_bytes = base_stats["row_bytes"]
     for rows in (2, 3, 5):  # forces block pairs when a node has more rows than fit
         stats = {}
         chunked = alignment_scores("params", lm, *problem, reduce_rank=False, memory_limit=rows * row_bytes, stats=stats)
         assert stats["capacity"] == rows and stats["backward_calls"] > 2
-        assert_close(chunked, base, tol=1e-6)
+        assert_close(chunked, base, tol=2e-6)
     monkeypatch.setenv(GRAD_MEMORY_ENV, str(3 * row_bytes))
     stats = {}
-    assert_close(alignment_scores("params", lm, *problem, stats=stats), base, tol=1e-6)
+    assert_close(alignment_scores("params", lm, *problem, stats=stats), base, tol=2e-6)
     assert stats["capacity"] == 3
 
 

@@ -1,0 +1,336 @@
+"""The rollout samplers: `prefix` (the default) against Hugging Face
+`generate`, the `batched` sampler and the policy itself, on tiny models."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import make_tiny_lm
+from gadiag_core.interfaces import ContinuationRequest
+from gadiag_core.registry import load_registry
+from gadiag_plugins.samplers import BatchedSampler, PrefixSampler, _Arch, _draw, _draw_fast
+
+EOS = 3  # <|im_end|> of the tiny tokenizer
+
+
+def prompt(lm, text: str) -> list[int]:
+    return lm.encode_messages([{"role": "user", "content": text}])
+
+
+def mixed_requests(lm, max_new: int = 10) -> list[ContinuationRequest]:
+    """Two prompts; nodes 0, 2 and 5 of a made-up rollout on each (nested
+    prefixes); free and forced first tokens; several samples; two limits."""
+    generated = lm.tokenizer.encode("12+7=19.", add_special_tokens=False)
+    requests = []
+    for q, text in enumerate(["What is 12+7?", "How many legs do 3 cats have, in total?"]):
+        ids = prompt(lm, text)
+        for t in (0, 2, 5):
+            for forced in (None, 20, 33):
+                for m in range(2):
+                    requests.append(
+                        ContinuationRequest(
+                            tuple(ids + generated[:t]),
+                            max_new - 3 * m,
+                            forced,
+                            seed=1000 * q + 100 * t + (forced or 0) + m,
+                        )
+                    )
+    return requests
+
+
+def generate_greedy(lm, request: ContinuationRequest) -> list[int]:
+    """The request's greedy continuation by Hugging Face `generate`, one at a time."""
+    ids = list(request.prefix_ids)
+    budget = request.max_new_tokens
+    head = []
+    if request.forced_first is not None:
+        head, ids, budget = [request.forced_first], ids + [request.forced_first], budget - 1
+        if request.forced_first in lm.eos_token_ids or budget == 0:
+            return head
+    with torch.no_grad():
+        out = lm.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=budget,
+            do_sample=False,
+            eos_token_id=lm.eos_token_ids,
+            pad_token_id=0,
+        )
+    new = out[0, len(ids) :].tolist()
+    for i, token in enumerate(new):
+        if token in lm.eos_token_ids:
+            new = new[: i + 1]
+            break
+    return head + new
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy machine makes more
+    threads much slower); `generate` below runs on the same setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def wide_lm(tmp_path_factory):
+    """Untied head, padded vocabulary (logits wider than the tokenizer), 3 layers."""
+    return make_tiny_lm(tmp_path_factory.mktemp("wide"), vocab=128, tie=False, layers=3, seed=1)
+
+
+# ----------------------------------------------------------------------------
+# Greedy decoding reproduces `generate`
+
+
+@pytest.mark.parametrize("options", [{}, {"batch_size": 5, "prefill_tokens": 40}, {"pack_weights": False}])
+def test_greedy_matches_generate(tiny_lm, options):
+    requests = mixed_requests(tiny_lm)
+    outputs = PrefixSampler(**options).sample(tiny_lm, requests, 0.0)
+    expected = [generate_greedy(tiny_lm, r) for r in requests]
+    assert outputs == expected
+
+
+def test_greedy_matches_generate_wide_untied_model(wide_lm):
+    requests = mixed_requests(wide_lm, max_new=14)
+    assert PrefixSampler(batch_size=8).sample(wide_lm, requests, 0.0) == [generate_greedy(wide_lm, r) for r in requests]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_greedy_matches_generate_other_families(tiny_lm, family):
+    """Qwen2 (q/k/v biases; here with a GELU MLP) and Qwen3 (q/k norms) go
+    through the same path."""
+    import transformers
+
+    from gadiag_core.lm import HFCausalLM
+
+    config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    model_class = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[family]
+    tokenizer = tiny_lm.tokenizer
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        bos_token_id=None,
+        hidden_act="gelu" if family == "qwen2" else "silu",
+    )
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    if family == "qwen2":  # make the biases matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.3)
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = 0
+    lm = HFCausalLM(model, tokenizer, name=family)
+    arch = _Arch.of(model)
+    assert arch is not None and arch.qk_norm == (family == "qwen3")  # not the fallback
+    requests = mixed_requests(lm)
+    assert PrefixSampler(batch_size=8).sample(lm, requests, 0.0) == [generate_greedy(lm, r) for r in requests]
+
+
+def test_decode_logits_match_full_forward(tiny_lm):
+    """The logits each decoding step samples from equal the model's own
+    full forward pass at that node (the KV-cache path is exact)."""
+
+    class Recording(PrefixSampler):
+        def _choose(self, logits, temperature, uniforms):
+            self.seen.append(logits.clone())
+            return super()._choose(logits, temperature, uniforms)
+
+    sampler = Recording(batch_size=64)
+    sampler.seen = []
+    ids = prompt(tiny_lm, "What is 12+7?")
+    request = ContinuationRequest(tuple(ids), 12, None, seed=5)
+    (out,) = sampler.sample(tiny_lm, [request], 1.0)
+    full = tiny_lm.node_logits(ids, out)  # [T, V]
+    got = torch.cat(sampler.seen)[: len(out)]
+    torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# Forced tokens, stopping, limits
+
+
+def test_forced_first_tokens_appear(tiny_lm):
+    ids = tuple(prompt(tiny_lm, "What is 2+3?"))
+    requests = [ContinuationRequest(ids, 6, k, seed=k) for k in (10, 20, 30, 40)]
+    requests += [ContinuationRequest(ids, 1, 50, seed=1), ContinuationRequest(ids, 6, EOS, seed=2)]
+    outputs = PrefixSampler().sample(tiny_lm, requests, 1.0)
+    for request, out in zip(requests, outputs):
+        assert out[0] == request.forced_first
+    assert outputs[4] == [50]  # a budget of one: just the forced token
+    assert outputs[5] == [EOS]  # a forced EOS ends the continuation
+
+
+def test_rows_stop_independently(tiny_lm):
+    """Each row ends at its own EOS or limit, and is the same row it would be
+    if sampled alone (nothing about a row depends on the others)."""
+    rng = random.Random(0)
+    prompts = [prompt(tiny_lm, text) for text in ("What is 12+7?", "Name a prime.", "Count to five!")]
+    requests = [
+        ContinuationRequest(tuple(rng.choice(prompts)), rng.choice([3, 17, 40]), rng.choice([None, 12]), seed=i)
+        for i in range(48)
+    ]
+    outputs = PrefixSampler(batch_size=16).sample(tiny_lm, requests, 1.0)
+    lengths = set()
+    for request, out in zip(requests, outputs):
+        assert 1 <= len(out) <= request.max_new_tokens
+        assert EOS not in out[:-1]
+        assert out[-1] == EOS or len(out) == request.max_new_tokens
+        lengths.add(len(out))
+    assert any(out[-1] == EOS and len(out) < r.max_new_tokens for r, out in zip(requests, outputs)), "no row stopped early"
+    assert any(len(out) == r.max_new_tokens == 40 for r, out in zip(requests, outputs)), "no row ran to a long limit"
+    assert len(lengths) >= 4
+    alone = [PrefixSampler().sample(tiny_lm, [r], 1.0)[0] for r in requests[:12]]
+    assert alone == outputs[:12]
+
+
+def test_zero_budget_and_empty_calls(tiny_lm):
+    ids = tuple(prompt(tiny_lm, "Hi"))
+    sampler = PrefixSampler()
+    assert sampler.sample(tiny_lm, [], 1.0) == []
+    out = sampler.sample(tiny_lm, [ContinuationRequest(ids, 0, 7), ContinuationRequest(ids, 2, 7, seed=1)], 1.0)
+    assert out[0] == [] and len(out[1]) >= 1 and out[1][0] == 7
+    assert sampler.tokens_generated == len(out[1])
+
+
+def test_stop_strings(tiny_lm):
+    ids = tuple(prompt(tiny_lm, "What is 12+7?"))
+    request = ContinuationRequest(ids, 30, None, seed=3)
+    (free,) = PrefixSampler().sample(tiny_lm, [request], 0.0)
+    text = tiny_lm.decode(free)
+    assert len(text) >= 8
+    stop = text[4:6]
+    (cut,) = PrefixSampler(stop_strings=[stop]).sample(tiny_lm, [request], 0.0)
+    # One token per character here: the row ends on the token completing `stop`.
+    end = text.index(stop) + len(stop)
+    assert cut == free[:end]
+    assert tiny_lm.decode(cut).endswith(stop)
+
+
+# ----------------------------------------------------------------------------
+# Seeds and reproducibility
+
+
+def test_seeded_runs_repeat(tiny_lm):
+    requests = mixed_requests(tiny_lm, max_new=12)
+    sampler = PrefixSampler(batch_size=7)
+    first = sampler.sample(tiny_lm, requests, 1.0)
+    assert sampler.sample(tiny_lm, requests, 1.0) == first
+    # Request order does not matter.
+    order = list(range(len(requests)))
+    random.Random(1).shuffle(order)
+    whole = PrefixSampler(batch_size=64).sample(tiny_lm, requests, 1.0)
+    shuffled = PrefixSampler(batch_size=64).sample(tiny_lm, [requests[i] for i in order], 1.0)
+    assert [shuffled[order.index(i)] for i in range(len(requests))] == whole
+    # Neither does batching, up to float rounding: other matmul shapes round
+    # differently, which moves a token only when its uniform lies within
+    # ~1e-7 of a CDF boundary (here once in 36 rows: u = 0.57451433 against
+    # a boundary at 0.57451426).
+    assert sum(a != b for a, b in zip(whole, first)) <= len(requests) // 20
+    # Other seeds, other samples.
+    reseeded = [ContinuationRequest(r.prefix_ids, r.max_new_tokens, r.forced_first, r.seed + 7919) for r in requests]
+    assert PrefixSampler().sample(tiny_lm, reseeded, 1.0) != first
+
+
+def test_same_samples_as_batched_sampler(tiny_lm):
+    """Both samplers draw a row's uniforms from its own seed in the same order,
+    so (float rounding aside) they return the same continuations."""
+    requests = mixed_requests(tiny_lm, max_new=12)
+    assert PrefixSampler().sample(tiny_lm, requests, 0.8) == BatchedSampler().sample(tiny_lm, requests, 0.8)
+
+
+def test_threads_option_restores_setting(tiny_lm):
+    before = torch.get_num_threads()
+    ids = tuple(prompt(tiny_lm, "Hi"))
+    PrefixSampler(threads=1).sample(tiny_lm, [ContinuationRequest(ids, 3, None, seed=0)], 1.0)
+    assert torch.get_num_threads() == before
+
+
+def test_unsupported_model_falls_back_to_batched(tiny_lm, monkeypatch):
+    import gadiag_plugins.samplers as samplers
+
+    requests = mixed_requests(tiny_lm, max_new=8)
+    expected = BatchedSampler().sample(tiny_lm, requests, 1.0)
+    monkeypatch.setattr(samplers._Arch, "of", classmethod(lambda cls, model: None))
+    assert PrefixSampler().sample(tiny_lm, requests, 1.0) == expected
+
+
+# ----------------------------------------------------------------------------
+# Sampled tokens follow the policy
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square p-value of `counts` under `probs`; bins expected
+    under 5 are pooled."""
+    n = counts.sum()
+    expected = probs.double() * n
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum().view(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_tokens_follow_policy(tiny_lm, temperature):
+    """First sampled tokens (from the encoded prefix) and second tokens after a
+    forced first one (from a decoding step) follow softmax(z / τ)."""
+    ids = prompt(tiny_lm, "What is 2+3?")
+    forced = tiny_lm.tokenizer.encode("5", add_special_tokens=False)[0]
+    n = 4000
+    first = [ContinuationRequest(tuple(ids), 1, None, seed=s) for s in range(n)]
+    second = [ContinuationRequest(tuple(ids), 2, forced, seed=n + s) for s in range(n)]
+    outputs = PrefixSampler(batch_size=1024).sample(tiny_lm, first + second, temperature)
+    vocab = tiny_lm.vocab_size
+    with torch.no_grad():
+        z = tiny_lm.model(torch.tensor([ids + [forced]])).logits[0, -2:].float()
+    policy = torch.softmax(z / temperature, dim=-1)
+    got_first = torch.bincount(torch.tensor([o[0] for o in outputs[:n]]), minlength=vocab)
+    got_second = torch.bincount(torch.tensor([o[1] for o in outputs[n:]]), minlength=vocab)
+    assert chi_square_p(got_first, policy[0]) > 1e-3
+    assert chi_square_p(got_second, policy[1]) > 1e-3
+    # The test has power: the other node's distribution is rejected.
+    assert chi_square_p(got_second, policy[0]) < 1e-6
+
+
+def test_fast_draw_is_the_inverse_cdf():
+    """The two-level draw picks the same token as a full float64 inverse CDF."""
+    torch.manual_seed(0)
+    for width in (97, 300, 1000):
+        logits = torch.randn(256, width) * 3
+        u = torch.rand(256)
+        for temperature in (1.0, 0.5):
+            assert torch.equal(_draw_fast(logits, temperature, u), _draw(logits, temperature, u))
+    assert torch.equal(_draw_fast(logits, 0.0, u), logits.argmax(-1))
+
+
+# ----------------------------------------------------------------------------
+# Registration
+
+
+def test_registered_with_options():
+    registry = load_registry()
+    assert {"batched", "prefix"} <= set(registry.entries["sampler"])
+    sampler = registry.create("sampler", "prefix", batch_size=64, threads=1, stop_strings=["\n\n"])
+    assert isinstance(sampler, PrefixSampler) and sampler.batch_size == 64 and sampler.stop_strings == ["\n\n"]
+    with pytest.raises(ValueError):
+        PrefixSampler(batch_size=0)
