@@ -24,8 +24,10 @@ the needed dot products. It is slow (~1-3 s per backward on one CPU thread),
 so by default only `--loop-nodes 1` node is looped and the per-node cost is
 compared per node; the per-rollout estimate is extrapolated from it (and from
 --loop-question if given). The looped cosines are checked against the batched
-ones on the looped nodes. Times are wall and process CPU time: on a shared
-machine CPU time is the steadier figure.
+ones on the looped nodes; the loop's float32 dot products over whole parameter
+tensors are good to ~2e-5 (the batched cosines agree with float64 dot
+products of the same gradients to ~1e-7). Times are wall and process CPU
+time: on a shared machine CPU time is the steadier figure.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ def run_parser() -> ArgumentParser:
     p.add_argument("--questions", type=int, help="number of questions")
     p.add_argument("--rollouts", type=int, help="student rollouts per question")
     p.add_argument("--seed", type=int, help="run seed")
+    p.add_argument("--space", help="gradient space: logits, hidden, params, params:last<N>, params:re:<regex>")
     p.add_argument("--estimator", help="ideal-gradient estimator name")
     p.add_argument("--sampler", help="rollout sampler name")
     p.add_argument("--output-dir", help="parent folder of new run directories")
@@ -82,6 +83,7 @@ def cmd_run(argv: list[str]) -> int:
         "run.questions": args.questions,
         "run.rollouts_per_question": args.rollouts,
         "run.seed": args.seed,
+        "run.space": args.space,
         "estimator.name": args.estimator,
         "sampler.name": args.sampler,
         "run.output_dir": args.output_dir,

@@ -28,7 +28,8 @@ def _pct(value) -> str:
 def leaderboard_table(summary: dict) -> Table:
     title = (
         f"gradient alignment · task {summary['task']} v{summary['task_version']}\n"
-        f"student {summary['student']} · space {summary['space']} · estimator {summary['estimator']}"
+        f"student {summary['student']} · space {summary.get('space_description') or summary['space']} · "
+        f"estimator {summary['estimator']}"
     )
     caption = (
         f"{summary['questions']} questions, {summary['rollouts']} rollouts "

@@ -39,7 +39,7 @@ from gadiag_core.records import write_parquet
 from gadiag_core.registry import Registry
 from gadiag_core.rundir import RunDir
 from gadiag_core.seeding import derive_seed
-from gadiag_core.spaces import alignment_scores
+from gadiag_core.spaces import alignment_scores, space_description
 from gadiag_core.teacher import ContextTeacher
 from gadiag_core.vectors import policy, rl_outcome_vector
 
@@ -445,6 +445,7 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "task_version": c.task.version,
         "student": config["student"]["model"],
         "space": config["run"]["space"],
+        "space_description": space_description(config["run"]["space"], c.student.model),
         "estimator": config["estimator"]["name"],
         "sampler": config["sampler"]["name"],
         "teachers": list(c.teachers),

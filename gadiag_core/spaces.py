@@ -10,7 +10,7 @@ including 1/τ). The parameter-space update is Jᵀv with J = ∂z(u_t)/∂θ
                         head's gradient is v hᵀ, so ‖h‖ cancels).
     hidden              cos(Wᵀa, Wᵀb): the gradient arriving at the final hidden
                         state (the input of the output head W [V, H]). One
-                        forward pass without a graph.
+                        forward pass, no backward through the network.
     params              the full parameter gradient Jᵀv (every parameter; a tied
                         input/output embedding is one parameter, its gradient
                         sums both uses).
@@ -33,32 +33,41 @@ the gradient of Σ_t ⟨z_t, v_t⟩ over the whole rollout.
 How params* is computed (one forward, batched backward; never a Python loop of
 backward passes):
 
-* One forward of prompt + generated with only the selected parameters
+* One forward of prompt + generated, cut after the last node (nothing later
+  changes the logits or gradients there), with only the selected parameters
   requiring grad (flags restored afterwards; .grad is never written).
-* The output head is handled in closed form: its weight gradient at node t is
-  u_t h_tᵀ (u = ∂⟨z, v⟩/∂(head output), = v unless the model post-processes
-  its logits, e.g. soft-capping), so the [V, H] gradient is never built. The
-  gradient entering the network body is g = Wᵀu at the node's position.
-* The input embedding's gradient is gathered on the rows of the tokens used
-  (from the gradient at the embedding output); for tied embeddings the
-  cross terms with the head's u hᵀ are added, so the shared weight's
-  gradient is the sum of both uses.
-* Every other selected parameter gets its gradient from one
-  torch.autograd.grad(..., is_grads_batched=True) call per chunk of vectors,
-  node-rows of several nodes batched together (node t's grad-output is
-  nonzero only at its position). Only Gram entries inside a node (or inside
-  the per-question group) are formed.
-* Linearly dependent vectors at a node (the ideal is the mean of its two
-  halves; the sampled-token objectives and rl_outcome are all multiples of
-  e_y − π) are not back-propagated twice: a pivoted Cholesky of the vectors'
-  Gram picks a basis (tolerance RANK_TOL on unit vectors) and the other
+* The output head in closed form: its weight gradient at node t is u_t h_tᵀ
+  (u = ∂⟨z, v⟩/∂(head output), = v unless the model post-processes its
+  logits, e.g. soft-capping), so the [V, H] gradient is never built. The
+  gradient entering the network body is g = Wᵀu (float64) at the node's
+  position.
+* The input embedding's gradient on the rows of the tokens used (from the
+  gradient at the embedding output; padding_idx and scale_grad_by_freq as
+  nn.Embedding does); tied embeddings add the cross terms with the head's
+  u hᵀ, so the shared weight's gradient is the sum of both uses.
+* The body: one torch.autograd.grad(..., is_grads_batched=True) per chunk of
+  rows, rows of several nodes batched together (node t's grad-output is
+  nonzero only at its position; a node's gradient only involves positions
+  ≤ t). An nn.Linear with the sequence no longer than its input width is
+  "ghosted": the Gram of its weight gradients is ⟨Δ_i, X Xᵀ Δ_j⟩ from the
+  gradient Δ at its output and its input X, cheaper than forming Δᵀ X; every
+  other selected parameter's gradient is materialised. Only Gram entries
+  inside a node (or inside the per-question group) are formed.
+* Linearly dependent vectors (the ideal is the mean of its two halves; the
+  sampled-token objectives and rl_outcome are all multiples of e_y − π at a
+  node) are not back-propagated twice: a pivoted Cholesky of the unit
+  vectors' Gram picks a basis (residual tolerance RANK_TOL) and the other
   vectors' parameter-space Gram entries follow by linearity.
 
-Memory guard. A chunk of B vectors holds B × (elements of the selected
-non-head parameters) gradient values of the model's dtype. The limit is
-`memory_limit` (bytes) or the environment variable GADIAG_GRAD_MEMORY
-("2GiB", "512MiB", "3e9"), default 2 GiB; batches are chunked to stay under
-it, and a UsageError says what to change when two vectors do not fit.
+Memory guard. Each back-propagated vector (row) holds its gradient values in
+the model's dtype: the selected materialised parameters, L × out per ghosted
+linear, L × H for the embedding rows (the head holds none). A batched backward
+of B rows needs B × that; `memory_limit` (bytes), else the environment
+variable GADIAG_GRAD_MEMORY ("2GiB", "512MiB", "3e9"), else 2 GiB, caps it.
+Batches are chunked to stay under the cap (a node with more rows than fit is
+done as pairs of half-size blocks); when two rows do not fit, a UsageError
+says what to change. The cap covers those gradients, not the forward's
+activations or the backward's transient buffers.
 
 `alignment_scores` is the one entry point the pipeline uses, whatever the space.
 """
