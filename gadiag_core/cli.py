@@ -50,6 +50,7 @@ def run_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gadiag-harness run", description="Diagnose a student's distillation teachers on a task.")
     p.add_argument("--config", help="harness.toml to read (default: ./harness.toml if present, else built-in defaults)")
     p.add_argument("--task", help="task name (see `gadiag-harness list`)")
+    p.add_argument("--data", help="data file or folder for tasks that read one (sets task.data)")
     p.add_argument("--teachers", help="'all' or comma-separated teacher names")
     p.add_argument("--objectives", help="comma-separated objective names")
     p.add_argument("--model", help="student model: alias, HF id, local directory or .gguf file")
@@ -75,6 +76,7 @@ def cmd_run(argv: list[str]) -> int:
         path = "harness.toml"
     overrides = {
         "run.task": args.task,
+        "task.data": args.data,
         "run.teachers": args.teachers,
         "run.objectives": args.objectives,
         "student.model": args.model,
