@@ -5,7 +5,13 @@ The workload is the estimator's: P prefixes (chat prompts of short word problems
 C candidate first tokens (the student's top tokens there, forced) × M
 continuations each, up to N new tokens (the forced one included), plain
 temperature sampling. Every method runs in this one process on the same torch
-thread count, so the ratios are comparable even on a busy machine.
+thread count.
+
+Each rate is given per wall second and per CPU second of this process
+(`time.process_time`). On a machine shared with other busy processes the
+wall rates depend on how much of a core each method happened to get; the CPU
+rates leave that out (with one torch thread, a CPU second is a second on a
+core), so compare methods, and the roofline, by the CPU columns there.
 
 `generate` and `batched` are slow, so by default they run on the first
 --subset prefixes only (the per-call shapes are those of the full workload:
@@ -19,9 +25,10 @@ included). GFLOP/s is tokens × 2 × (weights of every Linear layer, the output
 head included) / seconds, leaving out attention scores: decode matmul work
 only. The roofline is the best fp32 GEMM rate measured here on the same
 thread count (model-shaped and square products, the best of several tries,
-before and after the samplers).
+before and after the samplers), per wall and per CPU second.
 
-    python benchmarks/sampler.py --threads 1
+    python benchmarks/sampler.py --threads 1      # about 3 minutes on one busy core
+    python benchmarks/sampler.py --threads 2 --full
 """
 
 from __future__ import annotations
@@ -192,9 +199,16 @@ def main(argv=None) -> None:
 
     roof_before = gemm_roofline(config.hidden_size, config.intermediate_size, config.vocab_size)
 
+    # One-off per model: fused and (on CPU, fp32) oneDNN-packed weights, kept with the model.
+    from gadiag_plugins.samplers import _Arch
+
+    arch = _Arch.of(lm.model)
+    with Clock() as packing:
+        if arch is not None:
+            arch.prepare(lm.model)
     # Warm-up: first calls pay one-off costs.
     warm = requests[:1]
-    PrefixSampler().sample(lm, warm, args.temperature)
+    PrefixSampler(threads=args.threads).sample(lm, warm, args.temperature)
     BatchedSampler().sample(lm, warm, args.temperature)
 
     rows = []
@@ -203,8 +217,8 @@ def main(argv=None) -> None:
         rows.append(("generate", len(sub_requests), *run_generate(lm, sub_groups, args.continuations, args.new_tokens, args.temperature)))
     rows.append(("batched (32)", len(sub_requests), *run_sampler(BatchedSampler(batch_size=32), lm, sub_requests, args.temperature)))
     if subset < len(groups):
-        rows.append((f"prefix ({args.batch_size})", len(sub_requests), *run_sampler(PrefixSampler(batch_size=args.batch_size), lm, sub_requests, args.temperature)))
-    rows.append((f"prefix ({args.batch_size})", len(requests), *run_sampler(PrefixSampler(batch_size=args.batch_size), lm, requests, args.temperature)))
+        rows.append((f"prefix ({args.batch_size})", len(sub_requests), *run_sampler(PrefixSampler(batch_size=args.batch_size, threads=args.threads), lm, sub_requests, args.temperature)))
+    rows.append((f"prefix ({args.batch_size})", len(requests), *run_sampler(PrefixSampler(batch_size=args.batch_size, threads=args.threads), lm, requests, args.temperature)))
 
     roof_after = gemm_roofline(config.hidden_size, config.intermediate_size, config.vocab_size)
     roof_wall = max(roof_before[0], roof_after[0])
@@ -217,6 +231,7 @@ def main(argv=None) -> None:
         f"x {args.continuations} continuations x <= {args.new_tokens} tokens; generate and batched on {subset} of the prefixes"
     )
     print(f"load average (1/5/15 min) before {load_before}, after {load_after}; {os.cpu_count()} CPUs")
+    print(f"prefix sampler one-off weight preparation (not in the table): {packing.wall:.2f} s wall, {packing.cpu:.2f} s cpu")
     print(
         f"matmul roofline {roof_wall:.1f} GFLOP/s wall, {roof_cpu:.1f} GFLOP per CPU-s "
         f"(best GEMM, before: {roof_before[0]:.1f}/{roof_before[1]:.1f}, after: {roof_after[0]:.1f}/{roof_after[1]:.1f})"

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "dtype": "float32",
     },
     "task": {},
-    "sampler": {"name": "batched"},
+    "sampler": {"name": "prefix"},
     "estimator": {"name": "targeted"},
     "teachers": {},
 }

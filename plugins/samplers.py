@@ -16,6 +16,7 @@ temperature sampling, no top-k/top-p (DESIGN §1); temperature 0 means greedy.
 from __future__ import annotations
 
 import inspect
+import time
 import weakref
 from typing import Optional
 
@@ -435,13 +436,14 @@ class _Arch:
 class _Layout:
     """Where each decoding row finds its shared prefix.
 
-    Rows are sorted by root (the longest prefix their prefix is the start of).
-    For the prefix part of attention the queries of one root's rows are packed
-    into a [R, KV, slots * rep, d] block, so every root is one matmul against
-    its cached keys [R, KV, P, d] (never replicated per row). `gather` packs
-    rows into slots, `scatter` brings slot results back to rows, and `mask`
-    hides key positions past a row's own prefix (nested prefixes of one root,
-    and roots shorter than the longest)."""
+    Each row belongs to a root (the longest prefix its own prefix is the start
+    of); rows may come in any order. For the prefix part of attention the
+    queries of one root's rows are packed into a [R, KV, slots * rep, d]
+    block, so every root is one matmul against its cached keys [R, KV, P, d]
+    (never replicated per row). `gather` packs rows into slots, `scatter`
+    brings slot results back to rows, and `mask` hides key positions past a
+    row's own prefix (nested prefixes of one root, and roots shorter than the
+    longest)."""
 
     def __init__(self, root_of_row: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device):
         roots = sorted(set(root_of_row))
@@ -476,6 +478,50 @@ class _Layout:
 
 
 SMALL_MODEL_PARAMETERS = 20_000_000
+_THREAD_CHOICE: dict = {}  # (threads, width) -> (time checked, use one thread?)
+
+
+def _auto_threads(model) -> Optional[int]:
+    """1 when extra torch threads would not pay, else None (torch's setting).
+
+    Tiny models: their matmuls are too small to share. Otherwise a quick
+    check (about 50 ms, redone at most every 30 s): one decoding-sized matmul
+    on one thread and on all of torch's threads. When other processes keep
+    the cores busy, several threads wait on each other and run slower than
+    one (measured: 3.5 GFLOP/s on two threads against 87 on one), and the
+    sampler then uses one. Results do not depend on this (up to rounding)."""
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        return 1
+    n = torch.get_num_threads()
+    try:
+        device = next(model.parameters()).device
+        width = int(model.config.hidden_size)
+    except (StopIteration, AttributeError, TypeError, ValueError):
+        return None
+    if n <= 1 or device.type != "cpu":
+        return None
+    key = (n, width)
+    checked = _THREAD_CHOICE.get(key)
+    if checked is not None and time.monotonic() - checked[0] < 30:
+        return 1 if checked[1] else None
+    a, b = torch.randn(64, width), torch.randn(width, 4 * width)
+
+    def best(threads: int) -> float:
+        torch.set_num_threads(threads)
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    try:
+        one, many = best(1), best(n)
+    finally:
+        torch.set_num_threads(n)
+    use_one = many * 1.2 > one  # extra threads must buy at least 20%
+    _THREAD_CHOICE[key] = (time.monotonic(), use_one)
+    return 1 if use_one else None
 
 
 class PrefixSampler(RolloutSampler):
@@ -503,10 +549,11 @@ class PrefixSampler(RolloutSampler):
 
     Options:
       batch_size:    most rows decoded together
-      threads:       torch threads while sampling; None: one thread for models
-                     under 20M parameters (their matmuls are too small to
-                     share), otherwise torch's current setting. On a machine
-                     shared with other busy processes, 1 is much faster.
+      threads:       torch threads while sampling. None (default): one thread
+                     for models under 20M parameters, and whenever a quick
+                     check finds torch's other threads do not pay (a machine
+                     shared with other busy processes, where they make small
+                     matmuls several times slower); otherwise torch's setting.
       stop_strings:  a row also stops once its generated text contains one of
                      these (the token that completes it is kept)
       max_cache_mb:  memory cap for one batch's KV caches (splits batches)
@@ -552,8 +599,8 @@ class PrefixSampler(RolloutSampler):
             raise ValueError("temperature must be >= 0")
         saved = torch.get_num_threads()
         threads = self.threads
-        if threads is None and sum(p.numel() for p in lm.model.parameters()) < SMALL_MODEL_PARAMETERS:
-            threads = 1  # tiny matmuls: threading only adds synchronisation
+        if threads is None:
+            threads = _auto_threads(lm.model)
         if threads is not None:
             torch.set_num_threads(threads)
         try:

@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_lm
 from gadiag_core.interfaces import ContinuationRequest
 from gadiag_core.registry import load_registry
-from gadiag_plugins.samplers import BatchedSampler, PrefixSampler, _Arch, _draw, _draw_fast
+from gadiag_plugins.samplers import BatchedSampler, PrefixSampler, _Arch, _auto_threads, _draw, _draw_fast
 
 EOS = 3  # <|im_end|> of the tiny tokenizer
 
@@ -259,7 +259,9 @@ def test_threads_option_restores_setting(tiny_lm):
     before = torch.get_num_threads()
     ids = tuple(prompt(tiny_lm, "Hi"))
     PrefixSampler(threads=1).sample(tiny_lm, [ContinuationRequest(ids, 3, None, seed=0)], 1.0)
+    PrefixSampler().sample(tiny_lm, [ContinuationRequest(ids, 3, None, seed=0)], 1.0)
     assert torch.get_num_threads() == before
+    assert _auto_threads(tiny_lm.model) == 1  # tiny matmuls: one thread
 
 
 def test_unsupported_model_falls_back_to_batched(tiny_lm, monkeypatch):
