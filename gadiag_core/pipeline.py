@@ -443,6 +443,7 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
     return {
         "task": c.task.name,
         "task_version": c.task.version,
+        "task_source": getattr(c.task, "source", None),
         "student": config["student"]["model"],
         "space": config["run"]["space"],
         "space_description": space_description(config["run"]["space"], c.student.model),
