@@ -61,6 +61,10 @@ def run_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--space", help="gradient space: logits, hidden, params, params:last<N>, params:re:<regex>")
     p.add_argument("--estimator", help="ideal-gradient estimator name")
+    p.add_argument("--budget-tokens", type=int, help="estimator: at most this many sampled tokens per rollout (estimator.max_tokens)")
+    p.add_argument("--run-budget-tokens", type=int, help="estimator: at most this many sampled tokens in the run (estimator.run_max_tokens)")
+    p.add_argument("--budget-continuations", type=int, help="estimator: at most this many continuations per rollout (estimator.max_continuations)")
+    p.add_argument("--run-budget-continuations", type=int, help="estimator: at most this many continuations in the run (estimator.run_max_continuations)")
     p.add_argument("--sampler", help="rollout sampler name")
     p.add_argument("--output-dir", help="parent folder of new run directories")
     p.add_argument("--run-dir", help="exact run directory to write")
@@ -87,6 +91,10 @@ def cmd_run(argv: list[str]) -> int:
         "run.seed": args.seed,
         "run.space": args.space,
         "estimator.name": args.estimator,
+        "estimator.max_tokens": args.budget_tokens,
+        "estimator.run_max_tokens": args.run_budget_tokens,
+        "estimator.max_continuations": args.budget_continuations,
+        "estimator.run_max_continuations": args.run_budget_continuations,
         "sampler.name": args.sampler,
         "run.output_dir": args.output_dir,
         "run.run_dir": args.run_dir,

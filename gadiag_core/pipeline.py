@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import time
@@ -101,7 +102,13 @@ def build_components(config: dict, registry: Registry) -> Components:
 
     task = registry.create("task", run["task"], **config["task"])
     sampler = registry.create("sampler", config["sampler"]["name"], **_options(config["sampler"]))
-    estimator = registry.create("estimator", config["estimator"]["name"], **_options(config["estimator"]))
+    estimator_options = _options(config["estimator"])
+    factory = registry.get("estimator", config["estimator"]["name"]).factory
+    if "rollouts_total" in inspect.signature(factory).parameters:
+        # Run budgets are shared evenly over every rollout of the run (not the
+        # ones left), so a resumed run spends exactly what an uninterrupted one does.
+        estimator_options.setdefault("rollouts_total", run["questions"] * run["rollouts_per_question"])
+    estimator = registry.create("estimator", config["estimator"]["name"], **estimator_options)
     objectives = {name: registry.create("objective", name) for name in objective_names}
     student = registry.create(
         "student",
@@ -287,6 +294,18 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
     return records, rollout_record
 
 
+def node_energy(node, tau: float) -> torch.Tensor:
+    """An unbiased estimate of ‖a*‖² on the node's candidates: the estimator's
+    own (`energy_binomial`, which knows which Q̂ are exact), else the binomial
+    one from the counts; ‖â‖² when no Q̂ is replicated (exact estimators)."""
+    own = getattr(node, "energy_binomial", None)
+    if own is not None:
+        return torch.as_tensor(own, dtype=torch.float64)
+    if bool((node.counts <= 1).all()):
+        return (node.ideal.double() ** 2).sum()
+    return noise_mod.binomial_energy(node.ideal, node.probs, node.q_hat, node.counts, tau)
+
+
 def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict:
     """Monte-Carlo noise of the ideal vectors, in the logits space (DESIGN §1 "Noise",
     gadiag_core.noise): per node ‖â‖² and the binomial estimate of ‖a*‖² (the
@@ -294,14 +313,7 @@ def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict
     per-question cosine of each row; per token a 95% posterior interval of each
     row's full-vocabulary cosine."""
     a_sq = torch.stack([(n.ideal.double() ** 2).sum() for n in nodes])
-    energy = torch.stack(
-        [
-            (n.ideal.double() ** 2).sum()
-            if bool((n.counts <= 1).all())  # exact (or unreplicated) Q̂: no noise estimate
-            else noise_mod.binomial_energy(n.ideal, n.probs, n.q_hat, n.counts, tau)
-            for n in nodes
-        ]
-    )
+    energy = torch.stack([node_energy(n, tau) for n in nodes])
     rows = [row for row, (a, _) in pairs.items() if a == "ideal"]
     question_corrected, intervals = {}, {row: [] for row in rows}
     for row in rows:

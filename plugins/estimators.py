@@ -467,14 +467,29 @@ class UniformEstimator(GradientEstimator):
         max_candidates: int = 4,
         continuations: int = 4,
         max_nodes: int | None = None,
+        max_tokens: float | None = None,
+        max_continuations: float | None = None,
+        run_max_tokens: float | None = None,
+        run_max_continuations: float | None = None,
         rollouts_total: int | None = None,
     ):
-        """rollouts_total is accepted (so a pipeline can pass it to any built-in
-        estimator) and unused: uniform has a fixed design, no budget caps."""
+        """Budgets (the same options as `targeted`, hard in the same worst-case
+        sense): nodes are kept, most uncertain first, while all their
+        continuations fit; a node that does not fit is dropped whole."""
+        for name, value in (
+            ("max_tokens", max_tokens),
+            ("max_continuations", max_continuations),
+            ("run_max_tokens", run_max_tokens),
+            ("run_max_continuations", run_max_continuations),
+            ("rollouts_total", rollouts_total),
+        ):
+            _check_positive(name, value)
+        self.token_cap = _per_rollout_cap(max_tokens, run_max_tokens, rollouts_total, "tokens")
+        self.continuation_cap = _per_rollout_cap(max_continuations, run_max_continuations, rollouts_total, "continuations")
         if not 0 <= screen_epsilon < 1:
             raise UsageError("estimator option screen_epsilon must be in [0, 1)")
         if not isinstance(continuations, int) or continuations < 2:
-            raise UsageError("estimator option continuations must be an integer >= 2 (two halves for the noise estimate)")
+            raise UsageError("estimator option continuations must be >= 2 (an integer: two halves for the noise estimate)")
         if not isinstance(max_candidates, int) or max_candidates < 2:
             raise UsageError("estimator option max_candidates must be an integer >= 2")
         if max_nodes is not None and (not isinstance(max_nodes, int) or max_nodes < 1):
@@ -491,11 +506,19 @@ class UniformEstimator(GradientEstimator):
         bound = screen_bound(probs, tau)
         nodes = select_nodes(probs, self.screen_epsilon, self.max_nodes)
         pool = ContinuationPool(job, reuse=False)
-        plan_nodes, plans = [], []
-        for t in nodes:
+        budget = Budget(self.token_cap, self.continuation_cap)
+        spread = 1.0 - probs.max(-1).values
+        kept, tokens, count = [], 0, 0
+        for t in sorted(nodes, key=lambda i: -float(spread[i])):
             extra = [int(pref[t]) for pref in job.teacher_preferred.values()] + [int(job.generated_ids[t])]
             cands = candidate_tokens(probs[t], self.mass_threshold, self.max_candidates, extra)
-            plan_nodes.append((t, cands))
+            n = len(cands) * self.continuations
+            if budget.fits(tokens + n * pool.worst_tokens(t), count + n):
+                kept.append((t, cands))
+                tokens += n * pool.worst_tokens(t)
+                count += n
+        plan_nodes, plans = sorted(kept), []
+        for t, cands in plan_nodes:
             for k in cands:
                 for m in range(self.continuations):
                     plans.append(pool.plan_forced(t, k, m % 2))
@@ -512,7 +535,7 @@ class UniformEstimator(GradientEstimator):
             "sampled_tokens": pool.tokens,
             "nodes_screened": int(probs.shape[0]),
             "nodes_eligible": int((1.0 - probs.max(-1).values >= self.screen_epsilon).sum()),
-            "nodes_targeted": len(nodes),
+            "nodes_targeted": len(estimates),
             "covered_mass_sum": sum(e.covered_mass for e in estimates),
         }
         return IdealEstimate(nodes=estimates, screen_bound=bound, budget=budget)
@@ -543,7 +566,8 @@ class TargetedEstimator(GradientEstimator):
       rollouts_total          rollouts in the run (needed by the run caps)
       reuse (true)            count every continuation in every estimate it informs
       reuse_selection (false) also reuse the selection samples at targeted nodes (biased)
-      max_rounds (8)          sampler calls of the allocation phase
+      max_rounds (4)          sampler calls of the allocation phase (each one costs a
+                              decode pass on a real model: few, geometric rounds)
       direct_nodes (8)        rollouts with at most this many eligible nodes skip
                               the backbone: their eligible nodes (the max_nodes most
                               uncertain) are targeted directly (0: always bisect)
@@ -569,7 +593,7 @@ class TargetedEstimator(GradientEstimator):
         run_max_continuations: float | None = None,
         rollouts_total: int | None = None,
         reuse: bool = True,
-        max_rounds: int = 8,
+        max_rounds: int = 4,
         value_growth: float = 2.0,
         reuse_selection: bool = False,
         direct_nodes: int = 8,
@@ -577,7 +601,7 @@ class TargetedEstimator(GradientEstimator):
         if not 0 <= screen_epsilon < 1:
             raise UsageError("estimator option screen_epsilon must be in [0, 1)")
         if not isinstance(continuations, int) or continuations < 2:
-            raise UsageError("estimator option continuations must be an integer >= 2 (two halves for the noise estimate)")
+            raise UsageError("estimator option continuations must be >= 2 (an integer: two halves for the noise estimate)")
         if not isinstance(max_candidates, int) or max_candidates < 2:
             raise UsageError("estimator option max_candidates must be an integer >= 2")
         if max_nodes is not None and (not isinstance(max_nodes, int) or max_nodes < 1):
@@ -788,7 +812,9 @@ class TargetedEstimator(GradientEstimator):
             room = cap - pooled
             if room <= 0 or budget.exhausted(1):
                 break
-            size = max(len(nonexact), min(room, max(pooled // 2, 2 * len(nonexact))))
+            # Geometric rounds (each one sees the previous results), but large
+            # enough to reach the cap within max_rounds.
+            size = max(len(nonexact), pooled // 2, math.ceil(room / (self.max_rounds - rounds)))
             size = min(size, room)
             # Greedy by marginal noise reduction per token: w σ² / (n (n + 1)) / L.
             chosen = []

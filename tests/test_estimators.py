@@ -149,11 +149,18 @@ def test_token_budget_respected(chain, cap):
 
 @pytest.mark.parametrize("cap", [1, 5, 30, 200])
 def test_continuation_budget_respected(toy, chain, cap):
-    est = TargetedEstimator(continuations=8, max_continuations=cap, max_nodes=None)
-    for env in (toy, chain):
-        for r in env.rollouts:
-            b = est.estimate(env.job(r, 0)).budget
-            assert b["continuations"] <= cap
+    for est in (TargetedEstimator(continuations=8, max_continuations=cap, max_nodes=None), UniformEstimator(max_continuations=cap)):
+        for env in (toy, chain):
+            for r in env.rollouts:
+                b = est.estimate(env.job(r, 0)).budget
+                assert b["continuations"] <= cap
+
+
+def test_uniform_token_budget_respected(chain):
+    for cap in (100, 3000):
+        est = UniformEstimator(continuations=2, max_tokens=cap)
+        for r in chain.rollouts:
+            assert est.estimate(chain.job(r, 0)).budget["sampled_tokens"] <= cap
 
 
 def test_run_budget_is_an_even_deterministic_share(chain):

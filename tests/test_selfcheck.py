@@ -27,7 +27,7 @@ def run_cli(capsys, *argv):
 
 
 def test_selfcheck_passes_on_builtins_and_prints_the_table(capsys):
-    code, out, err = run_cli(capsys, "selfcheck", "--budgets", "4", "--seeds", "2", "--threads", "1")
+    code, out, err = run_cli(capsys, "selfcheck", "--budgets", "4", "--seeds", "4", "--threads", "1")
     assert code == 0, out + err
     assert "selfcheck passed" in out
     for name in ("targeted", "uniform"):
