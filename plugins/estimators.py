@@ -454,7 +454,49 @@ def _check_positive(name: str, value, allow_none: bool = True):
 # uniform
 
 
-class UniformEstimator(GradientEstimator):
+class _ScreenedEstimator(GradientEstimator):
+    """Options every sampling estimator here shares: screening, candidates,
+    samples per candidate, node cap and hard budgets (validated once)."""
+
+    def _common_options(
+        self,
+        screen_epsilon,
+        mass_threshold,
+        max_candidates,
+        continuations,
+        max_nodes,
+        max_tokens,
+        max_continuations,
+        run_max_tokens,
+        run_max_continuations,
+        rollouts_total,
+    ) -> None:
+        if not 0 <= screen_epsilon < 1:
+            raise UsageError("estimator option screen_epsilon must be in [0, 1)")
+        if not isinstance(continuations, int) or continuations < 2:
+            raise UsageError("estimator option continuations must be >= 2 (an integer: two halves for the noise estimate)")
+        if not isinstance(max_candidates, int) or max_candidates < 2:
+            raise UsageError("estimator option max_candidates must be an integer >= 2")
+        if max_nodes is not None and (not isinstance(max_nodes, int) or max_nodes < 1):
+            raise UsageError("estimator option max_nodes must be a positive integer")
+        for name, value in (
+            ("max_tokens", max_tokens),
+            ("max_continuations", max_continuations),
+            ("run_max_tokens", run_max_tokens),
+            ("run_max_continuations", run_max_continuations),
+            ("rollouts_total", rollouts_total),
+        ):
+            _check_positive(name, value)
+        self.screen_epsilon = float(screen_epsilon)
+        self.mass_threshold = float(mass_threshold)
+        self.max_candidates = int(max_candidates)
+        self.continuations = int(continuations)
+        self.max_nodes = max_nodes
+        self.token_cap = _per_rollout_cap(max_tokens, run_max_tokens, rollouts_total, "tokens")
+        self.continuation_cap = _per_rollout_cap(max_continuations, run_max_continuations, rollouts_total, "continuations")
+
+
+class UniformEstimator(_ScreenedEstimator):
     """Every screened node × every candidate × `continuations` forced rollouts."""
 
     name = "uniform"
@@ -476,29 +518,10 @@ class UniformEstimator(GradientEstimator):
         """Budgets (the same options as `targeted`, hard in the same worst-case
         sense): nodes are kept, most uncertain first, while all their
         continuations fit; a node that does not fit is dropped whole."""
-        for name, value in (
-            ("max_tokens", max_tokens),
-            ("max_continuations", max_continuations),
-            ("run_max_tokens", run_max_tokens),
-            ("run_max_continuations", run_max_continuations),
-            ("rollouts_total", rollouts_total),
-        ):
-            _check_positive(name, value)
-        self.token_cap = _per_rollout_cap(max_tokens, run_max_tokens, rollouts_total, "tokens")
-        self.continuation_cap = _per_rollout_cap(max_continuations, run_max_continuations, rollouts_total, "continuations")
-        if not 0 <= screen_epsilon < 1:
-            raise UsageError("estimator option screen_epsilon must be in [0, 1)")
-        if not isinstance(continuations, int) or continuations < 2:
-            raise UsageError("estimator option continuations must be >= 2 (an integer: two halves for the noise estimate)")
-        if not isinstance(max_candidates, int) or max_candidates < 2:
-            raise UsageError("estimator option max_candidates must be an integer >= 2")
-        if max_nodes is not None and (not isinstance(max_nodes, int) or max_nodes < 1):
-            raise UsageError("estimator option max_nodes must be a positive integer")
-        self.screen_epsilon = float(screen_epsilon)
-        self.mass_threshold = float(mass_threshold)
-        self.max_candidates = int(max_candidates)
-        self.continuations = int(continuations)
-        self.max_nodes = max_nodes
+        self._common_options(
+            screen_epsilon, mass_threshold, max_candidates, continuations, max_nodes,
+            max_tokens, max_continuations, run_max_tokens, run_max_continuations, rollouts_total,
+        )
 
     def estimate(self, job: EstimationJob) -> IdealEstimate:
         tau = job.student.temperature
@@ -545,7 +568,7 @@ class UniformEstimator(GradientEstimator):
 # targeted
 
 
-class TargetedEstimator(GradientEstimator):
+class TargetedEstimator(_ScreenedEstimator):
     """Value backbone with bisection, pivotal nodes, adaptive allocation, reuse.
 
     Options (harness.toml [estimator]; defaults in parentheses):
@@ -598,31 +621,14 @@ class TargetedEstimator(GradientEstimator):
         reuse_selection: bool = False,
         direct_nodes: int = 8,
     ):
-        if not 0 <= screen_epsilon < 1:
-            raise UsageError("estimator option screen_epsilon must be in [0, 1)")
-        if not isinstance(continuations, int) or continuations < 2:
-            raise UsageError("estimator option continuations must be >= 2 (an integer: two halves for the noise estimate)")
-        if not isinstance(max_candidates, int) or max_candidates < 2:
-            raise UsageError("estimator option max_candidates must be an integer >= 2")
-        if max_nodes is not None and (not isinstance(max_nodes, int) or max_nodes < 1):
-            raise UsageError("estimator option max_nodes must be a positive integer")
+        self._common_options(
+            screen_epsilon, mass_threshold, max_candidates, continuations, max_nodes,
+            max_tokens, max_continuations, run_max_tokens, run_max_continuations, rollouts_total,
+        )
         if not isinstance(backbone_points, int) or backbone_points < 1:
             raise UsageError("estimator option backbone_points must be a positive integer")
         if delta < 0 or z < 0 or target_error < 0:
             raise UsageError("estimator options delta, z and target_error must be >= 0")
-        for name, value in (
-            ("max_tokens", max_tokens),
-            ("max_continuations", max_continuations),
-            ("run_max_tokens", run_max_tokens),
-            ("run_max_continuations", run_max_continuations),
-            ("rollouts_total", rollouts_total),
-        ):
-            _check_positive(name, value)
-        self.screen_epsilon = float(screen_epsilon)
-        self.mass_threshold = float(mass_threshold)
-        self.max_candidates = int(max_candidates)
-        self.continuations = int(continuations)
-        self.max_nodes = max_nodes
         self.backbone_points = int(backbone_points)
         self.delta = float(delta)
         self.z = float(z)
@@ -634,8 +640,6 @@ class TargetedEstimator(GradientEstimator):
         if not isinstance(direct_nodes, int) or direct_nodes < 0:
             raise UsageError("estimator option direct_nodes must be an integer >= 0")
         self.direct_nodes = direct_nodes
-        self.token_cap = _per_rollout_cap(max_tokens, run_max_tokens, rollouts_total, "tokens")
-        self.continuation_cap = _per_rollout_cap(max_continuations, run_max_continuations, rollouts_total, "continuations")
         # Totals over the estimator's lifetime (one run), for reporting only:
         # they never influence what a rollout does.
         self.spent = {"rollouts": 0, "continuations": 0, "sampled_tokens": 0}
