@@ -55,6 +55,7 @@ import torch
 
 from gadiag_core.interfaces import ContinuationRequest, EstimationJob, RolloutSampler
 from gadiag_core.seeding import derive_seed
+from gadiag_core.toy_env import ToyRollout
 from gadiag_core.vectors import ideal_vector
 
 # ----------------------------------------------------------------------------
@@ -181,21 +182,8 @@ class ChainSampler(RolloutSampler):
         return out
 
 
-@dataclass
-class ExactRollout:
-    """What the benchmark needs of a rollout with exact quantities (the toy
-    environment's ToyRollout has the same fields)."""
-
-    problem: object
-    index: int
-    prompt_ids: list[int]
-    generated_ids: list[int]
-    correct: bool
-    student_logits: torch.Tensor
-    exact_probs: torch.Tensor
-    exact_q: torch.Tensor
-    exact_ideal: torch.Tensor
-    teacher_logprobs: dict = field(default_factory=dict)
+# The chain environment's rollouts carry the toy environment's fields.
+ExactRollout = ToyRollout
 
 
 class ChainEnvironment:
