@@ -26,13 +26,11 @@ import re
 from pathlib import Path
 
 from gadiag_core.alignment import REFERENCE_ROWS
-from gadiag_core.records import Run, load_run
+from gadiag_core.records import Run, finite, ideal_candidates, load_run
 
 REPORT_DIR = "report"
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _esc(value) -> str:
@@ -40,23 +38,23 @@ def _esc(value) -> str:
 
 
 def _num(value, fmt="{:+.3f}") -> str:
-    return fmt.format(value) if _finite(value) else "–"
+    return fmt.format(value) if finite(value) else "–"
 
 
 def _interval(pair) -> str:
-    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(_finite(v) for v in pair):
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(finite(v) for v in pair):
         return "–"
     return f"{pair[0]:+.2f}..{pair[1]:+.2f}"
 
 
 def _pct(value) -> str:
-    return f"{100 * value:.0f}%" if _finite(value) else "–"
+    return f"{100 * value:.0f}%" if finite(value) else "–"
 
 
 def colour(value) -> str:
     """Background for a cosine: green helps, red hurts, stronger with |cos|.
     Must match colour() in the page script."""
-    if not _finite(value):
+    if not finite(value):
         return "transparent"
     v = max(-1.0, min(1.0, float(value)))
     rgb = "26,152,80" if v >= 0 else "215,48,39"
@@ -284,21 +282,8 @@ def _index_html(run: Run, pages: dict[str, str], plots: list[str]) -> str:
 
 def _node_data(record: dict, tau: float) -> dict:
     """What the page script shows for one scored token."""
-    tokens = record.get("candidate_tokens") or [str(c) for c in record.get("candidates", [])]
-    q_hat = record.get("q_hat", [])
-    counts = record.get("counts", [])
-    probs = record.get("candidate_pi")
+    candidates = [list(c) for c in ideal_candidates(record, tau)]
     value = record.get("value")
-    candidates = []
-    for i, token in enumerate(tokens):
-        pi = probs[i] if probs and i < len(probs) else None
-        q = q_hat[i] if i < len(q_hat) else None
-        ideal = pi * (q - value) / tau if _finite(pi) and _finite(q) and _finite(value) else None
-        candidates.append([token, pi, q, counts[i] if i < len(counts) else None, ideal])
-    if any(c[4] is not None for c in candidates):
-        candidates.sort(key=lambda c: -(c[4] if c[4] is not None else -math.inf))
-    else:
-        candidates.sort(key=lambda c: -(c[2] if _finite(c[2]) else -math.inf))
     return _clean(
         {
             "token": record.get("token", ""),
@@ -331,7 +316,7 @@ def _rollout_section(run: Run, qid: str, rollout: dict, rows: list[str], row: st
                 continue
             value = node.get("cos", {}).get(row) if row else None
             spans.append(
-                f"<span class=\"tok s{'' if _finite(value) else ' nan'}\" id=\"r{r}-n{t}\" data-r=\"{r}\" data-n=\"{t}\" "
+                f"<span class=\"tok s{'' if finite(value) else ' nan'}\" id=\"r{r}-n{t}\" data-r=\"{r}\" data-n=\"{t}\" "
                 f"style=\"background:{colour(value)}\">{_esc(_visible(token))}</span>"
             )
         text = f"<div class=\"text\">{''.join(spans)}</div>"

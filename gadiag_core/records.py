@@ -261,3 +261,26 @@ def write_parquet(run_dir: str | Path) -> list[Path]:
         temp.replace(target)
         written.append(target)
     return written
+
+
+def finite(value) -> bool:
+    """A real, finite number (not None, NaN, a bool or a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def ideal_candidates(record: dict, tau: float) -> list[tuple[str, float | None, float | None, int | None, float | None]]:
+    """(token, π, Q̂, count, a*) per candidate, the ideal's favourites first."""
+    tokens = record.get("candidate_tokens") or [str(c) for c in record.get("candidates", [])]
+    q_hat, counts, probs = record.get("q_hat", []), record.get("counts", []), record.get("candidate_pi")
+    value = record.get("value")
+    out = []
+    for i, token in enumerate(tokens):
+        pi = probs[i] if probs and i < len(probs) else None
+        q = q_hat[i] if i < len(q_hat) else None
+        ideal = pi * (q - value) / tau if finite(pi) and finite(q) and finite(value) else None
+        out.append((token, pi, q, counts[i] if i < len(counts) else None, ideal))
+    if any(c[4] is not None for c in out):
+        out.sort(key=lambda c: -(c[4] if c[4] is not None else -math.inf))
+    else:
+        out.sort(key=lambda c: -(c[2] if finite(c[2]) else -math.inf))
+    return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 from rich.console import Console
 from rich.table import Table
@@ -26,7 +25,7 @@ from rich.text import Text
 
 from gadiag_core.alignment import REFERENCE_ROWS
 from gadiag_core.errors import UsageError, did_you_mean
-from gadiag_core.records import Run, load_run
+from gadiag_core.records import Run, finite, ideal_candidates, load_run
 
 TOP_CANDIDATES = 4
 
@@ -46,12 +45,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _num(value, fmt="{:+.3f}") -> str:
-    return fmt.format(value) if _finite(value) else "–"
+    return fmt.format(value) if finite(value) else "–"
 
 
 def quoted(token: str) -> str:
@@ -61,7 +58,7 @@ def quoted(token: str) -> str:
 
 def style_for(value) -> str:
     """Rich style of a scored token: background from grey (cos 0) to green (+1) or red (−1)."""
-    if not _finite(value):
+    if not finite(value):
         return "underline"
     v = max(-1.0, min(1.0, float(value)))
     target = (26, 152, 80) if v >= 0 else (215, 48, 39)
@@ -101,24 +98,6 @@ def resolve_row(run: Run, teacher: str | None, objective: str | None) -> str | N
         f"no row {teacher!r}{f' with objective {objective!r}' if objective else ''} in {run.path}."
         f"{did_you_mean(teacher, rows + teachers)} Rows: {', '.join(rows)}"
     )
-
-
-def ideal_candidates(record: dict, tau: float) -> list[tuple[str, float | None, float | None, int | None, float | None]]:
-    """(token, π, Q̂, count, a*) per candidate, the ideal's favourites first."""
-    tokens = record.get("candidate_tokens") or [str(c) for c in record.get("candidates", [])]
-    q_hat, counts, probs = record.get("q_hat", []), record.get("counts", []), record.get("candidate_pi")
-    value = record.get("value")
-    out = []
-    for i, token in enumerate(tokens):
-        pi = probs[i] if probs and i < len(probs) else None
-        q = q_hat[i] if i < len(q_hat) else None
-        ideal = pi * (q - value) / tau if _finite(pi) and _finite(q) and _finite(value) else None
-        out.append((token, pi, q, counts[i] if i < len(counts) else None, ideal))
-    if any(c[4] is not None for c in out):
-        out.sort(key=lambda c: -(c[4] if c[4] is not None else -math.inf))
-    else:
-        out.sort(key=lambda c: -(c[2] if _finite(c[2]) else -math.inf))
-    return out
 
 
 def rollout_text(run: Run, question: str, rollout: dict, row: str | None) -> Text:
@@ -161,7 +140,7 @@ def nodes_table(run: Run, question: str, rollout: int, row: str) -> Table:
         cells = [
             str(position),
             quoted(record.get("token", "")),
-            Text(_num(value), style=style_for(value) if _finite(value) else "dim"),
+            Text(_num(value), style=style_for(value) if finite(value) else "dim"),
             _num(record.get("pi_token"), "{:.3f}"),
             _num(record.get("value"), "{:.3f}"),
             listed,

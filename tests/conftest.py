@@ -146,3 +146,17 @@ def toy_model_dir(tmp_path_factory):
 
     return save_toy_model(tmp_path_factory.mktemp("toy-model") / "model")
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one torch thread, then restore the setting: tiny
+    models run fastest on one thread, and on a busy 2-core machine a second
+    thread makes small matmuls far slower. Use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

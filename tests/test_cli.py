@@ -1,7 +1,6 @@
 """The CLI end to end on a tiny random student, and its one-line errors."""
 
 import json
-import math
 
 import pytest
 

@@ -26,12 +26,7 @@ from gadiag_core.vectors import ideal_vector, policy
 from gadiag_plugins.exact import ExactEstimator, enumerate_tree, exact_q_along
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

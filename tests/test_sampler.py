@@ -67,14 +67,7 @@ def generate_greedy(lm, request: ContinuationRequest) -> list[int]:
     return head + new
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy machine makes more
-    threads much slower); `generate` below runs on the same setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

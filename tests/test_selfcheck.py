@@ -7,17 +7,11 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-import torch
 
 from gadiag_core.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(capsys, *argv):
