@@ -372,6 +372,52 @@ def print_curves(title: str, uniform: list[Point], targeted: list[Point]) -> lis
     return ratios
 
 
+def allocation_bound(pairs: list[tuple[float, float]]) -> float:
+    """The most any allocation of forced continuations over uniform's own
+    (node, candidate) pairs can save against uniform at equal noise error.
+
+    pairs: (w, c) per pair, w = ‖M e_k‖² Q(1 − Q) the noise energy one
+    continuation leaves in â (M = diag(π)(I − 1wᵀ)/τ, as in the estimator's
+    allocation) and c its expected sampled tokens. With n continuations per
+    pair the noise energy is Σ w/n at cost Σ c·n. Uniform (n = M) has energy
+    Σw/M at cost M·Σc; the best allocation for any cost C (n ∝ sqrt(w/c),
+    Lagrange) has energy (Σ sqrt(w c))²/C. At equal energy the cost ratio is
+
+        uniform / best = Σw · Σc / (Σ sqrt(w c))²     (Cauchy–Schwarz: ≥ 1)
+
+    An upper bound for allocation alone: it knows the exact Q, and leaves out
+    what reuse adds (every continuation also informs the nodes it passes)."""
+    pairs = [(w, c) for w, c in pairs if c > 0]
+    sw = sum(w for w, _ in pairs)
+    sc = sum(c for _, c in pairs)
+    cross = sum(math.sqrt(w * c) for w, c in pairs) ** 2
+    return sw * sc / cross if cross > 0 else math.nan
+
+
+def toy_allocation_bound(env, epsilon: float = 0.05, mass: float = 0.9, k: int = 4) -> tuple[float, int]:
+    """allocation_bound over the exact environment's rollouts, with uniform's
+    default screening and candidates (teachers' picks and the sampled token
+    included) and the exact Q; c = the longest continuation from the node
+    (toy rollouts rarely end before their limit). Returns (bound, pairs)."""
+    from gadiag_plugins.estimators import _column_norms, candidate_tokens, select_nodes
+
+    pairs = []
+    for r in env.rollouts:
+        job = env.job(r, 0)
+        probs = torch.softmax(job.student_logits.double() / job.student.temperature, -1)
+        for t in select_nodes(probs.float(), epsilon, None):
+            extra = [int(p[t]) for p in job.teacher_preferred.values()] + [int(job.generated_ids[t])]
+            cands = candidate_tokens(probs[t].float(), mass, k, extra)
+            norms = _column_norms(probs[t, cands], job.student.temperature)
+            for j, tok in enumerate(cands):
+                q = float(r.exact_q[t, tok])
+                tokens = job.max_new_tokens - t
+                if tok in job.student.eos_token_ids or tokens <= 1:
+                    continue  # Q known exactly from the verifier: nothing to sample
+                pairs.append((float(norms[j]) * q * (1 - q), float(tokens)))
+    return allocation_bound(pairs), len(pairs)
+
+
 # ----------------------------------------------------------------------------
 # Sections
 
@@ -394,6 +440,11 @@ def section_toy(args):
         f"A. exact toy environment: {len(env.rollouts)} rollouts, {env.nodes} nodes, horizon {env.max_new_tokens}, {seeds} seeds",
         uniform,
         targeted,
+    )
+    bound, n_pairs = toy_allocation_bound(env)
+    print(
+        f"   allocation bound (allocation_bound, exact Q, uniform's {n_pairs} (node, candidate) pairs): no allocation of "
+        f"continuations can reach uniform's noise error with fewer than 1/{bound:.2f} of its tokens"
     )
 
 
@@ -497,11 +548,21 @@ def section_student(args):
 
     m_ref = 16  # a noisier reference makes the noise-corrected error unstable (it can go below 0)
     ref_est = UniformEstimator(continuations=m_ref)
+    from gadiag_plugins.estimators import _column_norms
+
     refs = []
     ref_tokens = 0
+    bound_pairs = []  # (w, c) for allocation_bound, from the reference's Q̂
     for p, prompt, gen, z in rollouts:
         e = ref_est.estimate(job(p, prompt, gen, z, 10_000))
         ref_tokens += e.budget["sampled_tokens"]
+        per_continuation = e.budget["sampled_tokens"] / max(e.budget["continuations"], 1)
+        for n in e.nodes:
+            norms = _column_norms(n.probs, lm.temperature)
+            for j in range(len(n.candidates)):
+                if not bool(n.exact[j]):
+                    q = float(n.q_hat[j])
+                    bound_pairs.append((float(norms[j]) * q * (1 - q), per_continuation))
         dense = torch.zeros(z.shape, dtype=torch.float64)
         noise_energy = 0.0
         for n in e.nodes:
@@ -538,6 +599,10 @@ def section_student(args):
     targeted = [measure(TargetedEstimator(continuations=m, max_nodes=None, target_error=0), f"targeted M={m}", seeds) for m in ms]
     targeted.append(measure(TargetedEstimator(), "targeted (defaults)", seeds))
     print_curves(f"   ({seeds} seed(s); rel_err against the reference, its noise subtracted; q_cos needs exact Q: n/a)", uniform, targeted)
+    print(
+        f"   allocation bound (allocation_bound, the reference's Q̂, {len(bound_pairs)} (node, candidate) pairs, each continuation "
+        f"costed at its rollout's mean length): at most {allocation_bound(bound_pairs):.2f}x fewer tokens than uniform by allocation alone"
+    )
     print(f"   section D wall time {time.time() - started:.0f} s")
 
 

@@ -28,7 +28,7 @@ thread count (model-shaped and square products, the best of several tries,
 before and after the samplers), per wall and per CPU second.
 
     python benchmarks/sampler.py --threads 1      # about 3 minutes on one busy core
-    python benchmarks/sampler.py --threads 2 --full
+    python benchmarks/sampler.py --threads 2 --full --repeats 3   # about 8 minutes
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ def main(argv=None) -> None:
     parser.add_argument("--full", action="store_true", help="run generate and batched on the full workload too")
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each method, taking turns; the median run is shown")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -211,14 +212,26 @@ def main(argv=None) -> None:
     PrefixSampler(threads=args.threads).sample(lm, warm, args.temperature)
     BatchedSampler().sample(lm, warm, args.temperature)
 
-    rows = []
+    # Each method runs --repeats times, the methods taking turns, and the
+    # table keeps each method's median run (by tokens/s): the host's speed
+    # drifts by several percent over minutes, and taking turns lets every
+    # method see the same drift.
+    methods = []
     if not args.skip_generate:
         run_generate(lm, groups[:1], 1, 4, args.temperature)  # warm-up
-        rows.append(("generate", len(sub_requests), *run_generate(lm, sub_groups, args.continuations, args.new_tokens, args.temperature)))
-    rows.append(("batched (32)", len(sub_requests), *run_sampler(BatchedSampler(batch_size=32), lm, sub_requests, args.temperature)))
+        methods.append(("generate", len(sub_requests), lambda: run_generate(lm, sub_groups, args.continuations, args.new_tokens, args.temperature)))
+    methods.append(("batched (32)", len(sub_requests), lambda: run_sampler(BatchedSampler(batch_size=32), lm, sub_requests, args.temperature)))
     if subset < len(groups):
-        rows.append((f"prefix ({args.batch_size})", len(sub_requests), *run_sampler(PrefixSampler(batch_size=args.batch_size, threads=args.threads), lm, sub_requests, args.temperature)))
-    rows.append((f"prefix ({args.batch_size})", len(requests), *run_sampler(PrefixSampler(batch_size=args.batch_size, threads=args.threads), lm, requests, args.temperature)))
+        methods.append((f"prefix ({args.batch_size})", len(sub_requests), lambda: run_sampler(PrefixSampler(batch_size=args.batch_size, threads=args.threads), lm, sub_requests, args.temperature)))
+    methods.append((f"prefix ({args.batch_size})", len(requests), lambda: run_sampler(PrefixSampler(batch_size=args.batch_size, threads=args.threads), lm, requests, args.temperature)))
+    runs = [[] for _ in methods]
+    for _ in range(args.repeats):
+        for i, (_, _, run) in enumerate(methods):
+            runs[i].append(run())
+    rows = []
+    for (name, n, _), results in zip(methods, runs):
+        results.sort(key=lambda r: r[0] / r[1])  # (tokens, wall, cpu) by tokens per wall second
+        rows.append((name, n, *results[len(results) // 2]))
 
     roof_after = gemm_roofline(config.hidden_size, config.intermediate_size, config.vocab_size)
     roof_wall = max(roof_before[0], roof_after[0])
@@ -228,7 +241,8 @@ def main(argv=None) -> None:
     print(f"model {args.model}, {flops / 1e9:.3f} GFLOP/token, {lm.model.dtype}, torch threads {torch.get_num_threads()}, temperature {args.temperature}")
     print(
         f"workload {args.prefixes} prefixes (prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens) x {args.candidates} forced candidates "
-        f"x {args.continuations} continuations x <= {args.new_tokens} tokens; generate and batched on {subset} of the prefixes"
+        f"x {args.continuations} continuations x <= {args.new_tokens} tokens; generate and batched on {subset} of the prefixes; "
+        f"{args.repeats} run(s) of each method, taking turns, median shown"
     )
     print(f"load average (1/5/15 min) before {load_before}, after {load_after}; {os.cpu_count()} CPUs")
     print(f"prefix sampler one-off weight preparation (not in the table): {packing.wall:.2f} s wall, {packing.cpu:.2f} s cpu")

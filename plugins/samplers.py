@@ -402,29 +402,47 @@ class _Arch:
         qk[..., :H, :] *= self.scaling
         return qk
 
-    def prefill(self, ids: torch.Tensor, keep_rows: torch.Tensor, keep_cols: torch.Tensor):
+    def prefill(self, ids: torch.Tensor, keep_rows: torch.Tensor, keep_cols: torch.Tensor, past: Optional[list] = None):
         """Encode right-padded prefixes ids [R, L] (causal attention keeps the
         padding out of every real position). Returns per-layer keys and values
-        [R, KV, L, d] and the logits [N, V] float32 at (keep_rows, keep_cols)."""
+        [R, KV, L, d] of these L positions and the logits [N, V] float32 at
+        (keep_rows, keep_cols).
+
+        past: per-layer (keys, values) [1, KV, C, d] of C tokens that come
+        before every row (a common start, encoded once): the rows are then
+        positions C … C + L − 1 and attend to those C keys as well."""
         R, L = ids.shape
         H, KV, d = self.heads, self.kv_heads, self.head_dim
+        C = 0 if past is None else past[0][0].shape[-2]
         h = self.embed(ids)  # [R, L, D]
-        positions = torch.arange(L, device=ids.device).unsqueeze(0).expand(R, L)
+        positions = (torch.arange(L, device=ids.device) + C).unsqueeze(0).expand(R, L)
         cos, sin = self.rope_factors(h, positions)  # [R, L, 1, d]
         cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        # With a common start: query i sees the C shared keys and its own keys up to i.
+        mask = None
+        if C:
+            mask = torch.arange(C + L, device=ids.device).unsqueeze(0) <= torch.arange(L, device=ids.device).unsqueeze(1) + C
         kv = []
-        for norm1, qkv_linear, attn, o_linear, residual_mlp in self.blocks:
+        for l, (norm1, qkv_linear, attn, o_linear, residual_mlp) in enumerate(self.blocks):
             qkv = qkv_linear(norm1(h)).view(R, L, H + 2 * KV, d)
             qk = self.qk_rotary(attn, qkv, cos, sin)
             q = qk[:, :, :H].transpose(1, 2)  # [R, H, L, d]
             k = qk[:, :, H:].transpose(1, 2).contiguous()  # [R, KV, L, d]
             v = qkv[:, :, H + KV :].transpose(1, 2).contiguous()
             kv.append((k, v))
+            if C:  # [R, KV, C + L, d]: the shared keys in front of each row's own
+                k = torch.cat((past[l][0].expand(R, -1, -1, -1), k), dim=-2)
+                v = torch.cat((past[l][1].expand(R, -1, -1, -1), v), dim=-2)
             if self.rep > 1:
                 k, v = k.repeat_interleave(self.rep, dim=1), v.repeat_interleave(self.rep, dim=1)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+            if C:
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
             h = o_linear.plus(out.transpose(1, 2).reshape(R, L, H * d), h)
             h = residual_mlp(h)
+        if keep_rows.numel() == 0:
+            return kv, h.new_zeros((0, self.head.out_features), dtype=torch.float32)
         hidden = self.norm(h[keep_rows, keep_cols])
         return kv, self.head_logits(hidden)
 
@@ -475,6 +493,23 @@ class _Layout:
             hidden = torch.arange(width, device=device).view(1, 1, 1, width) >= length
             hidden = hidden.expand(len(roots), self.slots, rep, width).reshape(len(roots), 1, self.slots * rep, width)
             self.mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+
+
+# Roots of one prefill pass that start with at least this many equal tokens
+# have that start encoded once (below it the extra pass costs more than it saves).
+MIN_SHARED_START = 16
+
+
+def _common_start(sequences: list) -> int:
+    """Length of the longest start all the sequences share."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        i = 0
+        while i < n and other[i] == first[i]:
+            i += 1
+        n = i
+    return n
 
 
 SMALL_MODEL_PARAMETERS = 20_000_000
@@ -531,7 +566,9 @@ class PrefixSampler(RolloutSampler):
        one (the nodes of one rollout) is served by the longer one's KV cache:
        each distinct *root* prefix is encoded once (several roots per forward
        pass, right-padded), with output-head logits only at the positions
-       where some request starts sampling.
+       where some request starts sampling. Roots encoded together that begin
+       alike (a chat template, one question's prompt) have that common start
+       encoded once, and the rest of each root attends to it.
     2. Continuations are decoded together, up to `batch_size` rows, by a
        decoding loop driven here rather than through `forward`: attention is
        split into the shared prefix (one matmul per layer for all the rows
@@ -539,7 +576,9 @@ class PrefixSampler(RolloutSampler):
        and each row's own generated part (a preallocated cache, no per-step
        growth), under one softmax. q/k/v are one fused matmul, and on CPU in
        float32 the weights are prepacked for oneDNN.
-    3. Only the last position goes through the output head. Rows stop on their
+    3. Rows with the same prefix and the same first token (the continuations
+       of one forced candidate) compute their first generated position once.
+       Only the last position goes through the output head. Rows stop on their
        own at EOS, at max_new_tokens, or at a stop string; finished rows leave
        the batch at once (live rows move into their places) so late steps get
        cheaper.
@@ -714,18 +753,34 @@ class PrefixSampler(RolloutSampler):
         return out
 
     def _encode_group(self, lm: CausalLM, arch: _Arch, items: list[tuple]) -> dict[int, tuple]:
-        width = max(len(root) for _, root, _ in items)
+        # The roots' common start (a chat template, a system prompt, one
+        # question's prompt) is encoded once, as long as every position whose
+        # logits are needed lies after it.
+        common = _common_start([root for _, root, _ in items])
+        common = min(common, min(pos[0] for _, _, pos in items))
+        past = None
+        if len(items) < 2 or common < MIN_SHARED_START:
+            common = 0
+        else:
+            shared = torch.tensor([items[0][1][:common]], dtype=torch.long, device=arch.device)
+            empty = torch.zeros(0, dtype=torch.long, device=arch.device)
+            past, _ = arch.prefill(shared, empty, empty)
+            self.prefix_tokens_encoded += common
+        width = max(len(root) for _, root, _ in items) - common
         pad = int(items[0][1][0])  # any id: real positions never attend to the padding
         ids = torch.full((len(items), width), pad, dtype=torch.long, device=arch.device)
         for row, (_, root, _) in enumerate(items):
-            ids[row, : len(root)] = torch.tensor(root, dtype=torch.long)
+            ids[row, : len(root) - common] = torch.tensor(root[common:], dtype=torch.long)
         rows = torch.tensor([row for row, (_, _, pos) in enumerate(items) for _ in pos], device=arch.device)
-        cols = torch.tensor([p for _, _, pos in items for p in pos], device=arch.device)
-        layers, logits = arch.prefill(ids, rows, cols)
+        cols = torch.tensor([p - common for _, _, pos in items for p in pos], device=arch.device)
+        layers, logits = arch.prefill(ids, rows, cols, past)
         out, j = {}, 0
         for row, (r, root, pos) in enumerate(items):
-            n = len(root)
-            kv = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
+            n = len(root) - common
+            if past is None:
+                kv = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
+            else:
+                kv = [(torch.cat((pk[0], k[row, :, :n]), dim=-2), torch.cat((pv[0], v[row, :, :n]), dim=-2)) for (k, v), (pk, pv) in zip(layers, past)]
             out[r] = (kv, {p: logits[j + i] for i, p in enumerate(pos)})
             j += len(pos)
             self.prefix_tokens_encoded += n
@@ -809,7 +864,15 @@ class PrefixSampler(RolloutSampler):
                     prefix_k = [k.index_select(0, pick) for k in prefix_k]
                     prefix_v = [v.index_select(0, pick) for v in prefix_v]
                 layout = new_layout
-            logits = self._step(arch, tokens, positions, step - 1, layout, prefix_k, prefix_v, own_k, own_v)
+            if step == 1:
+                # The first generated token: rows with the same prefix and the
+                # same first token (the continuations of one forced candidate)
+                # have the same context, so it is computed once for them.
+                firsts = tokens.tolist()
+                logits = self._first_step(arch, tokens, positions, [(root_of_row[r], plen_of_row[r], firsts[b]) for b, r in enumerate(rows)],
+                                          layout, width, prefix_k, prefix_v, own_k, own_v)
+            else:
+                logits = self._step(arch, tokens, positions, step - 1, layout, prefix_k, prefix_v, own_k, own_v)
             positions = positions + 1
         return outputs
 
@@ -830,6 +893,31 @@ class PrefixSampler(RolloutSampler):
             ks.append(k)
             vs.append(v)
         return ks, vs
+
+    def _first_step(self, arch: _Arch, tokens, positions, keys: list[tuple], layout: _Layout, width: int, prefix_k, prefix_v, own_k, own_v) -> torch.Tensor:
+        """`_step` at s = 0 for rows whose (root, prefix length, first token)
+        keys repeat: one row per distinct key goes through the model, and its
+        keys, values and logits are copied to the rows that share its key."""
+        first_row: dict[tuple, int] = {}  # key -> its first row
+        for b, key in enumerate(keys):
+            first_row.setdefault(key, b)
+        if len(first_row) == len(keys):
+            return self._step(arch, tokens, positions, 0, layout, prefix_k, prefix_v, own_k, own_v)
+        device = tokens.device
+        place = {key: i for i, key in enumerate(first_row)}
+        unique = torch.tensor(list(first_row.values()), dtype=torch.long, device=device)
+        inverse = torch.tensor([place[key] for key in keys], dtype=torch.long, device=device)
+        sub_layout = _Layout([k[0] for k in first_row], [k[1] for k in first_row], width, arch.rep, arch.dtype, device)
+        if sub_layout.roots != layout.roots:  # cannot happen: every root keeps a row
+            return self._step(arch, tokens, positions, 0, layout, prefix_k, prefix_v, own_k, own_v)
+        shape = (len(first_row), arch.kv_heads, 1, arch.head_dim)
+        unique_k = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
+        unique_v = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
+        logits = self._step(arch, tokens[unique], positions[unique], 0, sub_layout, prefix_k, prefix_v, unique_k, unique_v)
+        for caches, computed in ((own_k, unique_k), (own_v, unique_v)):
+            for cache, part in zip(caches, computed):
+                cache[:, :, 0] = part[inverse, :, 0]
+        return logits[inverse]
 
     def _step(self, arch: _Arch, tokens, positions, s: int, layout: _Layout, prefix_k, prefix_v, own_k, own_v) -> torch.Tensor:
         """One decoding step for the batch: feed token s of every row (at its

@@ -155,6 +155,44 @@ def test_decode_logits_match_full_forward(tiny_lm):
     torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
 
 
+def test_common_start_encoded_once(tiny_lm):
+    """Roots that begin alike (one instruction before different questions)
+    have that start encoded once; the continuations are unchanged."""
+    from gadiag_plugins import samplers
+
+    instruction = "Answer briefly, and show each step of the working: "
+    roots = [prompt(tiny_lm, instruction + q) for q in ("What is 12+7?", "Name a prime.", "Count to five!")]
+    common = samplers._common_start(roots)
+    assert common >= samplers.MIN_SHARED_START
+    requests = [ContinuationRequest(tuple(ids), 9, forced, seed=i) for i, ids in enumerate(roots) for forced in (None, 20)]
+    sampler = PrefixSampler()
+    assert sampler.sample(tiny_lm, requests, 0.0) == [generate_greedy(tiny_lm, r) for r in requests]
+    assert sampler.prefix_tokens_encoded == common + sum(len(ids) - common for ids in roots)
+    sampled = sampler.sample(tiny_lm, requests, 1.0)
+    assert sampled == BatchedSampler().sample(tiny_lm, requests, 1.0)
+
+
+def test_first_step_computed_once_per_distinct_context(tiny_lm):
+    """Continuations of one forced candidate share their first generated
+    position: it goes through the model once, and each row still draws its
+    own tokens (the same as the batched sampler's)."""
+
+    class Recording(PrefixSampler):
+        def _step(self, arch, tokens, positions, s, layout, *caches):
+            self.batches.append((s, tokens.shape[0]))
+            return super()._step(arch, tokens, positions, s, layout, *caches)
+
+    ids = tuple(prompt(tiny_lm, "What is 2+3?"))
+    requests = [ContinuationRequest(ids, 10, forced, seed=10 * forced + m) for forced in (20, 33) for m in range(4)]
+    sampler = Recording()
+    sampler.batches = []
+    outputs = sampler.sample(tiny_lm, requests, 1.0)
+    assert sampler.batches[0] == (0, 2)  # 8 rows, 2 distinct (prefix, first token)
+    assert all(n <= 8 for _, n in sampler.batches[1:]) and sampler.batches[1][1] > 2
+    assert outputs == BatchedSampler().sample(tiny_lm, requests, 1.0)
+    assert len(set(map(tuple, outputs))) > 2  # the rows did go their own ways
+
+
 # ----------------------------------------------------------------------------
 # Forced tokens, stopping, limits
 
