@@ -907,9 +907,8 @@ class PrefixSampler(RolloutSampler):
         place = {key: i for i, key in enumerate(first_row)}
         unique = torch.tensor(list(first_row.values()), dtype=torch.long, device=device)
         inverse = torch.tensor([place[key] for key in keys], dtype=torch.long, device=device)
+        # Every root keeps at least one row, so the roots (and prefix caches) stay the same.
         sub_layout = _Layout([k[0] for k in first_row], [k[1] for k in first_row], width, arch.rep, arch.dtype, device)
-        if sub_layout.roots != layout.roots:  # cannot happen: every root keeps a row
-            return self._step(arch, tokens, positions, 0, layout, prefix_k, prefix_v, own_k, own_v)
         shape = (len(first_row), arch.kv_heads, 1, arch.head_dim)
         unique_k = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
         unique_v = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
