@@ -6,7 +6,7 @@
 
 For every sampling estimator (every registered one but `exact`) and every
 budget (the `continuations` option), runs the estimator `--seeds` times on every
-rollout of the exact environment (gadiag_core.toy_env) and measures, against
+rollout of the exact environment (gadiag_tasks.toy_env) and measures, against
 the exact ideal vectors (plugins/exact.py):
 
     table 1  cost (sampled tokens and continuations per scored node) against the
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     from gadiag_core.registry import load_registry
-    from gadiag_core.selfcheck import compare, noise_correction_report, objective_vectors, summarize
-    from gadiag_core.toy_env import build_environment
+    from gadiag_core.commands.selfcheck import compare, noise_correction_report, objective_vectors, summarize
+    from gadiag_tasks.toy_env import build_environment
 
     console = Console()
     if not console.is_terminal:

@@ -4,7 +4,7 @@ to reach the same alignment error (issue #4).
 Four sections, all in one process on one torch thread (ratios are comparable
 even on a busy machine; the load average is printed):
 
-A. exact toy environment (gadiag_core.toy_env: tiny random transformer, 12-token
+A. exact toy environment (gadiag_tasks.toy_env: tiny random transformer, 12-token
    vocabulary, horizon 4): exact a* by enumeration.
 B. exact chain environment, horizon 128 (defined here, `ChainEnvironment`): a
    Markov "chain of thought" whose success probability is known exactly by
@@ -56,8 +56,8 @@ import torch
 
 from gadiag_core.interfaces import ContinuationRequest, EstimationJob, RolloutSampler
 from gadiag_core.seeding import derive_seed
-from gadiag_core.toy_env import ToyRollout
-from gadiag_core.vectors import ideal_vector
+from gadiag_tasks.toy_env import ToyRollout
+from gadiag_core.scoring.vectors import ideal_vector
 
 # ----------------------------------------------------------------------------
 # The chain environment: exact Q at any horizon
@@ -191,7 +191,7 @@ class ChainEnvironment:
     def __init__(
         self, horizon: int = 128, problems: int = 8, decisions: int = 6, seed: int = 0, tolerance: int = 1, good=(0.55, 0.9), style_share: float = 0.25
     ):
-        from gadiag_core.toy_env import informed_logprobs
+        from gadiag_tasks.toy_env import informed_logprobs
 
         self.student = ChainLM()
         self.sampler = ChainSampler()
@@ -274,7 +274,7 @@ class Point:
 
 
 def objective_rows(env):
-    from gadiag_plugins.objectives import ReverseKL, SampledToken
+    from gadiag_plugins.objectives.forms import ReverseKL, SampledToken
 
     objectives = {"reverse_kl": ReverseKL(), "sampled_token": SampledToken()}
     rows = []
@@ -403,7 +403,7 @@ def toy_allocation_bound(env, epsilon: float = 0.05, mass: float = 0.9, k: int =
     default screening and candidates (teachers' picks and the sampled token
     included) and the exact Q; c = the longest continuation from the node
     (toy rollouts rarely end before their limit). Returns (bound, pairs)."""
-    from gadiag_plugins.estimators import _column_norms, candidate_tokens, select_nodes
+    from gadiag_plugins.estimation.targeted import _column_norms, candidate_tokens, select_nodes
 
     pairs = []
     for r in env.rollouts:
@@ -427,8 +427,8 @@ def toy_allocation_bound(env, epsilon: float = 0.05, mass: float = 0.9, k: int =
 
 
 def section_toy(args):
-    from gadiag_core.toy_env import build_environment
-    from gadiag_plugins.estimators import TargetedEstimator, UniformEstimator
+    from gadiag_tasks.toy_env import build_environment
+    from gadiag_plugins.estimation.targeted import TargetedEstimator, UniformEstimator
 
     env = build_environment()
     rows = objective_rows(env)
@@ -457,7 +457,7 @@ DIFFUSE = dict(decisions=6, tolerance=1, good=(0.55, 0.9))  # 6 decisions, one m
 
 
 def section_chain(args):
-    from gadiag_plugins.estimators import TargetedEstimator, UniformEstimator
+    from gadiag_plugins.estimation.targeted import TargetedEstimator, UniformEstimator
 
     ms_u = (8, 16, 32) if args.quick else (8, 16, 32, 64)
     ms_t = (4, 8, 16) if args.quick else (4, 8, 16, 32)
@@ -481,7 +481,7 @@ def section_chain(args):
 
 
 def section_length(args):
-    from gadiag_plugins.estimators import TargetedEstimator, UniformEstimator
+    from gadiag_plugins.estimation.targeted import TargetedEstimator, UniformEstimator
 
     horizons = (32, 64, 128, 256) if args.quick else (32, 64, 128, 256, 512)
     problems = 4 if args.quick else 8
@@ -519,10 +519,10 @@ def section_length(args):
 
 def section_student(args):
     """Default student against a high-budget uniform reference."""
-    from gadiag_core.lm import load_lm
-    from gadiag_core import noise
-    from gadiag_plugins.estimators import TargetedEstimator, UniformEstimator
-    from gadiag_plugins.samplers import PrefixSampler
+    from gadiag_plugins.students.hf import load_lm
+    from gadiag_core.scoring import noise
+    from gadiag_plugins.estimation.targeted import TargetedEstimator, UniformEstimator
+    from gadiag_plugins.sampling.prefix import PrefixSampler
     from gadiag_tasks.synthetic_math import factory
 
     started = time.time()
@@ -552,7 +552,7 @@ def section_student(args):
 
     m_ref = 64  # a noisier reference cannot resolve small errors (with M=16 the noise-corrected error of good estimates went to 0)
     ref_est = UniformEstimator(continuations=m_ref)
-    from gadiag_plugins.estimators import _column_norms
+    from gadiag_plugins.estimation.targeted import _column_norms
 
     refs = []
     ref_tokens = 0

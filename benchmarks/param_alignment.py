@@ -1,4 +1,4 @@
-"""Parameter-space alignment: batched backward (gadiag_core.spaces) vs a Python
+"""Parameter-space alignment: batched backward (gadiag_core.scoring.spaces) vs a Python
 loop of full backward passes, on SmolLM2-135M-Instruct, in one run.
 
     /work/venv/bin/python benchmarks/param_alignment.py            # defaults below
@@ -39,9 +39,9 @@ import time
 
 import torch
 
-from gadiag_core.lm import load_lm
-from gadiag_core.spaces import alignment_scores, select_parameters, space_description
-from gadiag_core.vectors import ideal_vector_on_candidates, policy, reverse_kl_vector, rl_outcome_vector, sampled_token_vector
+from gadiag_plugins.students.hf import load_lm
+from gadiag_core.scoring.spaces import alignment_scores, select_parameters, space_description
+from gadiag_core.scoring.vectors import ideal_vector_on_candidates, policy, reverse_kl_vector, rl_outcome_vector, sampled_token_vector
 
 QUESTION = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

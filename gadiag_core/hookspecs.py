@@ -58,6 +58,16 @@ def register_teachers(register):
 
 
 @hookspec
+def register_teacher_types(register):
+    """Register teacher types: kinds of teacher that harness.toml instantiates
+    by name. Called once when the registry is built.
+
+    ``[teachers.NAME] type = "TYPE"`` (default ``model``) with the other keys
+    as the type's options builds one teacher called NAME:
+    ``factory(options, run) -> Teacher``."""
+
+
+@hookspec
 def register_objectives(register):
     """Register distillation objectives. Called once when the registry is built.
 

@@ -21,9 +21,42 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+if TYPE_CHECKING:  # annotations only: importing this module must not import torch
+    import torch
+
+
+# ----------------------------------------------------------------------------
+# The run, as plugins see it
+
+
+@dataclass
+class RunContext:
+    """Run-level facts handed to every plugin factory: ``factory(options, run)``.
+
+    seed:            the run seed (derive per-item seeds with gadiag_core.seeding)
+    rollouts_total:  questions × rollouts per question (run budgets are shared evenly)
+    max_new_tokens:  the student's generation limit
+    temperature:     the student's sampling temperature τ
+    dtype:           the student's dtype name (external teachers default to it)
+    student:         the loaded Student (set before teachers are built; None before)
+    registry:        the Registry (teachers build their contexts with `context(name)`)
+    """
+
+    seed: int = 0
+    rollouts_total: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    dtype: str = "float32"
+    student: Any = None
+    registry: Any = None
+
+    def context(self, name: str, **options) -> "ContextBuilder":
+        """The named context builder (unknown names fail with a suggestion)."""
+        if self.registry is None:
+            raise RuntimeError("RunContext.context needs the registry")
+        return self.registry.create("context", name, run=self, **options)
 
 
 # ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ a duplicate name can be reported with both culprits.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pluggy
 
 from gadiag_core import hookspecs
 from gadiag_core.errors import UsageError, unknown_name
+from gadiag_core.options import NoOptions, build_options
 
 # kind -> the hook that registers it
 KINDS = {
@@ -25,6 +27,7 @@ KINDS = {
     "student": "register_students",
     "context": "register_contexts",
     "teacher": "register_teachers",
+    "teacher_type": "register_teacher_types",
     "objective": "register_objectives",
     "sampler": "register_samplers",
     "estimator": "register_estimators",
@@ -40,6 +43,12 @@ class Entry:
     factory: Callable
     description: str
     source: str
+    options: type = NoOptions  # the plugin's options dataclass (gadiag_core.options)
+
+    @property
+    def owner(self) -> str:
+        """How messages name it: "estimator 'targeted' (built-in (estimators))"."""
+        return f"{self.kind} {self.name!r} ({self.source})"
 
 
 class Registry:
@@ -48,16 +57,20 @@ class Registry:
     def __init__(self) -> None:
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 
-    def add(self, kind: str, name: str, factory: Callable, description: str, source: str) -> None:
-        if not isinstance(name, str) or not name or "," in name:
+    def add(self, kind: str, name: str, factory: Callable, description: str, source: str, options=None) -> None:
+        if not isinstance(name, str) or not name or "," in name or "/" in name or name.strip() != name:
             raise UsageError(f"plugin {source} registered a {kind} with an invalid name {name!r}")
+        if not callable(factory):
+            raise UsageError(f"plugin {source} registered {kind} {name!r} with a factory that is not callable: {factory!r}")
+        if options is not None and not dataclasses.is_dataclass(options):
+            raise UsageError(f"plugin {source} registered {kind} {name!r} with options={options!r}: pass a dataclass of option() fields")
         taken = self.entries[kind].get(name)
         if taken is not None:
             raise UsageError(
                 f"{kind} {name!r} is registered twice: by {taken.source} and by {source}. "
                 f"Uninstall or rename one of them."
             )
-        self.entries[kind][name] = Entry(kind, name, factory, description, source)
+        self.entries[kind][name] = Entry(kind, name, factory, description, source, options or NoOptions)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])
@@ -68,20 +81,36 @@ class Registry:
         except KeyError:
             raise unknown_name(kind, name, self.entries[kind]) from None
 
-    def create(self, kind: str, name: str, **kwargs):
-        """Build the named component, turning bad options into a UsageError."""
+    def options(self, kind: str, name: str, raw: dict | None = None):
+        """The named plugin's options instance from a raw table (checked)."""
         entry = self.get(kind, name)
+        return build_options(entry.options, dict(raw or {}), f"{kind} {name!r}")
+
+    def create(self, kind: str, name: str, run=None, **raw):
+        """Build the named component: `factory(options, run)`.
+
+        raw:  the user's option values (checked against the plugin's options
+              dataclass: unknown keys, types and ranges fail with a UsageError
+              naming the plugin and the option)
+        run:  the RunContext (run-level facts: seed, rollouts_total, the loaded
+              student, …); a default one when None
+        A factory's ValueError is an out-of-range setting: it becomes a UsageError
+        naming the plugin."""
+        from gadiag_core.interfaces import RunContext  # light: dataclasses only at import
+
+        entry = self.get(kind, name)
+        options = self.options(kind, name, raw)
+        if run is None:
+            run = RunContext(registry=self)
+        elif run.registry is None:
+            run.registry = self
         try:
-            return entry.factory(**kwargs)
-        except TypeError as exc:
-            # A factory that rejects an option: the user's config named a key it lacks.
-            if "unexpected keyword argument" in str(exc):
-                bad = str(exc).split("argument")[-1].strip(" '")
-                raise UsageError(f"{kind} {name!r} has no option {bad!r} (from {entry.source})") from None
-            raise
+            built = entry.factory(options, run)
         except ValueError as exc:
-            # Factories validate their options with ValueError: an out-of-range setting.
             raise UsageError(f"{kind} {name!r}: {exc}") from None
+        if built is None:
+            raise UsageError(f"{entry.owner}: its factory returned None instead of a {kind}")
+        return built
 
     def resolve(self, kind: str, spec) -> list[str]:
         """Names from 'all', 'a,b' or a list; unknown names raise with suggestions."""
@@ -169,8 +198,8 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
         for impl in hook.get_hookimpls():
             source = sources.get(id(impl.plugin), impl.plugin_name)
 
-            def register(name, factory, description="", _kind=kind, _source=source):
-                registry.add(_kind, name, factory, description, _source)
+            def register(name, factory, description="", options=None, _kind=kind, _source=source):
+                registry.add(_kind, name, factory, description, _source, options)
 
             impl.function(register=register)
     return registry

@@ -40,9 +40,11 @@ import random
 import re
 import threading
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 from gadiag_core import hookimpl
+from gadiag_core.options import as_dict, option
 from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import Problem, Task
 
@@ -465,33 +467,36 @@ class JsonlTask(_DataTask):
         return f"The answer is $\\boxed{{{answer}}}$."
 
 
-def _factory(cls, known: set[str]):
-    def factory(**options):
-        for key in options:
-            if key not in known:
-                raise UsageError(
-                    f"task {cls.name!r} has no option {key!r}; its options are: {', '.join(sorted(known))}"
-                )
-        return cls(**options)
+@dataclass(frozen=True)
+class DataOptions:
+    data: Optional[str] = option(None, "a .jsonl/.json/.parquet file or folder (none: the Hugging Face hub copy)")
+    shuffle: bool = option(True, "draw questions in a seeded random order (false: file order)")
+
+
+@dataclass(frozen=True)
+class JsonlOptions(DataOptions):
+    question_field: str = option("question", "column with the question")
+    answer_field: str = option("answer", "column with the gold final answer")
+    solution_field: Optional[str] = option(None, "column with a worked solution (none: the answer statement)")
+    id_field: Optional[str] = option(None, "column with a problem id (none: jsonl-NNNN by row)")
+    prompt: str = option("{question}\n" + BOXED_INSTRUCTION.replace("{}", "{{}}"), "the user turn; must contain {question}")
+
+
+def _factory(cls):
+    def factory(options, run):
+        return cls(**as_dict(options))
 
     factory.__doc__ = f"Build the {cls.name!r} task from the [task] options of harness.toml."
     return factory
 
 
-gsm8k_factory = _factory(GSM8K, {"data", "shuffle"})
-math500_factory = _factory(Math500, {"data", "shuffle"})
-jsonl_factory = _factory(
-    JsonlTask, {"data", "shuffle", "question_field", "answer_field", "solution_field", "id_field", "prompt"}
-)
+gsm8k_factory = _factory(GSM8K)
+math500_factory = _factory(Math500)
+jsonl_factory = _factory(JsonlTask)
 
 
 @hookimpl
 def register_tasks(register):
-    register("gsm8k", gsm8k_factory, GSM8K.description + " (options: data, shuffle)")
-    register("math500", math500_factory, Math500.description + " (options: data, shuffle)")
-    register(
-        "jsonl",
-        jsonl_factory,
-        JsonlTask.description
-        + " (options: data, question_field, answer_field, solution_field, id_field, prompt, shuffle)",
-    )
+    register("gsm8k", gsm8k_factory, GSM8K.description, options=DataOptions)
+    register("math500", math500_factory, Math500.description, options=DataOptions)
+    register("jsonl", jsonl_factory, JsonlTask.description, options=JsonlOptions)

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from gadiag_core import hookimpl
+from gadiag_core.options import option
 from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import Problem, Task
 from gadiag_tasks.answers import integer_answer_matches, parse_int
@@ -273,17 +274,17 @@ class SyntheticMath(Task):
         return str(rng.choice(choices))
 
 
-def factory(levels=DEFAULT_LEVELS, **options) -> SyntheticMath:
+@dataclass(frozen=True)
+class MathOptions:
+    levels: Any = option(list(DEFAULT_LEVELS), "which levels, e.g. [1, 2] or [\"L1\", \"L4\"]", check=lambda v: list(parse_levels(v)))
+    worked_example: bool = option(True, "show one worked example of the level before the question")
+
+
+def factory(options: MathOptions, run) -> SyntheticMath:
     """Build the task from the ``[task]`` options of harness.toml."""
-    known = {"worked_example"}
-    for key in options:
-        if key not in known:
-            raise UsageError(
-                f"task 'math' has no option {key!r}; its options are: levels, {', '.join(sorted(known))}"
-            )
-    return SyntheticMath(levels=levels, **options)
+    return SyntheticMath(levels=options.levels, worked_example=options.worked_example)
 
 
 @hookimpl
 def register_tasks(register):
-    register("math", factory, f"Synthetic arithmetic at graded levels {list(LEVELS)[0]}-{list(LEVELS)[-1]} (offline, seeded).")
+    register("math", factory, f"Synthetic arithmetic at graded levels {list(LEVELS)[0]}-{list(LEVELS)[-1]} (offline, seeded).", options=MathOptions)

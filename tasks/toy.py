@@ -6,7 +6,7 @@ window [T, T + width] (default width 6), and nothing else: the completion text,
 stripped of whitespace, must be a non-empty string of digits. Special tokens
 are dropped by decoding, so an EOS ends the answer and costs nothing.
 
-Why this task: with a tiny random model (gadiag_core.toy_env) and a horizon of
+Why this task: with a tiny random model (gadiag_tasks.toy_env) and a horizon of
 4 tokens the success probabilities are intermediate (about 0.3–0.55 at the
 root), and Q(u, k) depends on k in a structured, non-monotone way (a digit too
 small leaves the window out of reach, one too large overshoots it; an early
@@ -21,8 +21,11 @@ Options (the ``[task]`` table):
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import Any
 
 from gadiag_core import hookimpl
+from gadiag_core.options import option
 from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import Problem, Task
 
@@ -109,6 +112,16 @@ class ToyTask(Task):
         return answer
 
 
+@dataclass(frozen=True)
+class ToyOptions:
+    targets: Any = option(list(DEFAULT_TARGETS), "targets T: a list of integers, \"lo-hi\" or \"a,b,c\"", check=lambda v: list(parse_targets(v)))
+    width: int = option(6, "the window width: digit sums in [T, T + width] are correct", min=0, max=1000)
+
+
+def toy_factory(options: ToyOptions, run) -> ToyTask:
+    return ToyTask(targets=options.targets, width=options.width)
+
+
 @hookimpl
 def register_tasks(register):
-    register("toy", ToyTask, ToyTask.description + " (options: targets, width)")
+    register("toy", toy_factory, ToyTask.description, options=ToyOptions)

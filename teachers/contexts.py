@@ -96,7 +96,14 @@ class FeedbackContext(ContextBuilder):
 BUILT_IN = [SolutionContext, AnswerContext, OtherSolutionContext, WrongAnswerContext, SelfSuccessContext, FeedbackContext]
 
 
+def _context_factory(cls):
+    def factory(options, run):
+        return cls()
+
+    return factory
+
+
 @hookimpl
 def register_contexts(register):
     for cls in BUILT_IN:
-        register(cls.name, cls, cls.description)
+        register(cls.name, _context_factory(cls), cls.description)

@@ -4,13 +4,14 @@
 """
 
 from gadiag_core import hookimpl
-from gadiag_core.teacher import ContextTeacher
 from gadiag_teachers.contexts import BUILT_IN
 
 
 def self_teacher_factory(context_name: str, description: str):
-    def factory(student, contexts):
-        return ContextTeacher(context_name, student, contexts[context_name].factory(), f"student + {description}")
+    def factory(options, run):
+        from gadiag_teachers.model_teacher import ContextTeacher
+
+        return ContextTeacher(context_name, run.student, run.context(context_name), f"student + {description}")
 
     return factory
 

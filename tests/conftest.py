@@ -9,7 +9,7 @@ Fixtures
     a folder accepts it (``load_lm(str(tiny_model_dir))``, ``--student DIR``).
 
 ``tiny_lm`` (session)
-    That model loaded as a ``gadiag_core.lm.HFCausalLM`` (float32, CPU,
+    That model loaded as a ``gadiag_plugins.students.hf.HFCausalLM`` (float32, CPU,
     temperature 1.0, name "tiny"). It is shared by the whole session: do not
     change its weights, temperature or ``requires_grad`` flags, and zero any
     ``.grad`` you create. Build a private one with ``make_tiny_lm`` instead.
@@ -119,7 +119,7 @@ def make_tiny_model_dir(path, vocab=None, tie=True, seed=0, chars: str = TINY_CH
 
 def make_tiny_lm(path, temperature: float = 1.0, name: str = "tiny", **model_kwargs):
     """A private tiny HFCausalLM saved under `path`."""
-    from gadiag_core.lm import load_lm
+    from gadiag_plugins.students.hf import load_lm
 
     make_tiny_model_dir(path, **model_kwargs)
     return load_lm(str(path), temperature=temperature, name=name)
@@ -132,17 +132,17 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from gadiag_core.lm import load_lm
+    from gadiag_plugins.students.hf import load_lm
 
     return load_lm(str(tiny_model_dir), name="tiny")
 
 
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory):
-    """The exact environment's toy student (gadiag_core.toy_env), saved as a
+    """The exact environment's toy student (gadiag_tasks.toy_env), saved as a
     folder: with `--task toy --max-new-tokens 4` its success rates are
     intermediate, so runs on it have real ideal vectors to score."""
-    from gadiag_core.toy_env import save_toy_model
+    from gadiag_tasks.toy_env import save_toy_model
 
     return save_toy_model(tmp_path_factory.mktemp("toy-model") / "model")
 

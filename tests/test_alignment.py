@@ -2,7 +2,7 @@
 
 import math
 
-from gadiag_core.alignment import aggregate, bootstrap_ci
+from gadiag_core.scoring.alignment import aggregate, bootstrap_ci
 
 
 def record(question, correct, value):

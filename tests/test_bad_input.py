@@ -2,7 +2,7 @@
 
 import pytest
 
-from gadiag_core.cli import main
+from gadiag_core.commands.main import main
 
 BASE = """
 [run]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import make_tiny_model_dir
-from gadiag_core.cli import main
+from gadiag_core.commands.main import main
 
 TINY_CONFIG = """
 [run]

@@ -1,7 +1,7 @@
 """The `targeted` and `uniform` estimators against exact ground truth.
 
 Exact environments:
-  * the toy environment (gadiag_core.toy_env): a tiny random transformer, exact
+  * the toy environment (gadiag_tasks.toy_env): a tiny random transformer, exact
     Q by enumeration, horizon 4;
   * the chain environment (benchmarks/estimator_cost.py): a Markov "chain of
     thought" with exact Q by dynamic programming at any length, and a pure-Python
@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gadiag_core import noise
+from gadiag_core.scoring import noise
 from gadiag_core.errors import UsageError
-from gadiag_core.vectors import ideal_vector_on_candidates
-from gadiag_plugins.estimators import (
+from gadiag_core.scoring.vectors import ideal_vector_on_candidates
+from gadiag_plugins.estimation.targeted import (
     ContinuationPool,
     TargetedEstimator,
     TargetedNodeEstimate,
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def toy():
-    from gadiag_core.toy_env import build_environment
+    from gadiag_tasks.toy_env import build_environment
 
     return build_environment(problems=6)
 
@@ -206,7 +206,7 @@ def test_interval_coverage_on_exact_environment(toy):
     cos(a*, b) the same intervals cover only ~0.84 at targeted (pivotal) nodes,
     where more mass lies outside the candidates (uniform: 0.91): that gap is
     candidate truncation, not Monte-Carlo noise."""
-    from gadiag_plugins.objectives import ReverseKL, SampledToken
+    from gadiag_plugins.objectives.forms import ReverseKL, SampledToken
 
     est = TargetedEstimator(continuations=6, max_nodes=None, target_error=0.0, direct_nodes=0)
     q_hits = q_total = c_hits = c_total = 0

@@ -20,10 +20,10 @@ import torch
 from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import ContinuationRequest
 from gadiag_core.registry import load_registry
-from gadiag_core.selfcheck import check_objective, compare, noise_correction_report, objective_vectors, summarize, unbiasedness
-from gadiag_core.toy_env import build_environment, make_toy_lm
-from gadiag_core.vectors import ideal_vector, policy
-from gadiag_plugins.exact import ExactEstimator, enumerate_tree, exact_q_along
+from gadiag_core.commands.selfcheck import check_objective, compare, noise_correction_report, objective_vectors, summarize, unbiasedness
+from gadiag_tasks.toy_env import build_environment, make_toy_lm
+from gadiag_core.scoring.vectors import ideal_vector, policy
+from gadiag_plugins.estimation.exact import ExactEstimator, enumerate_tree, exact_q_along
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -234,8 +234,8 @@ def test_noise_correction_measured(env, registry, capsys):
 def test_noise_energy_formula_matches_simulation():
     """E‖â‖² − ‖a*‖² = N (closed form, with Var V̂ included), and the binomial
     and split-half energies are unbiased for ‖a*_C‖²."""
-    from gadiag_core import noise
-    from gadiag_core.vectors import ideal_vector_on_candidates
+    from gadiag_core.scoring import noise
+    from gadiag_core.scoring.vectors import ideal_vector_on_candidates
 
     g = torch.Generator().manual_seed(0)
     probs = torch.tensor([0.4, 0.25, 0.15, 0.1], dtype=torch.float64)  # covered mass 0.9
@@ -272,7 +272,7 @@ def test_objectives_match_autograd_on_toy_model(env, objectives):
 
 
 def test_wrong_objective_fails_autograd_check(env):
-    from gadiag_core.vectors import reverse_kl_vector
+    from gadiag_core.scoring.vectors import reverse_kl_vector
 
     class Flipped:
         name = "flipped"
@@ -296,8 +296,8 @@ def test_run_with_exact_estimator_on_toy_task(tmp_path, capsys):
     """`gadiag-harness --task toy --estimator exact` end to end on the saved toy model."""
     import json
 
-    from gadiag_core.cli import main
-    from gadiag_core.toy_env import save_toy_model
+    from gadiag_core.commands.main import main
+    from gadiag_tasks.toy_env import save_toy_model
 
     model = save_toy_model(tmp_path / "toy-model")
     config = tmp_path / "harness.toml"

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import SPECIAL_TOKENS, TINY_CHARS, TINY_CHAT_TEMPLATE, make_tiny_model_dir, make_tiny_tokenizer
-from gadiag_core import models
+from gadiag_plugins.students import loading as models
 from gadiag_core.errors import UsageError
-from gadiag_core.lm import HFCausalLM, load_lm, same_tokenizer
-from gadiag_core.models import file_sha256, load_model, resolve_model
+from gadiag_plugins.students.hf import HFCausalLM, load_lm, same_tokenizer
+from gadiag_plugins.students.loading import file_sha256, load_model, resolve_model
 
 MESSAGES = [{"role": "user", "content": "What is 12+7?"}]
 

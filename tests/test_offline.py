@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from gadiag_core.cli import main
+from gadiag_core.commands.main import main
 from test_cli import TINY_CONFIG
 
 

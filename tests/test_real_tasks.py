@@ -338,7 +338,7 @@ def test_hub_failure_says_to_pass_data(monkeypatch):
 
 
 def test_cli_runs_gsm8k_from_a_local_file(tmp_path, tiny_model_dir, capsys):
-    from gadiag_core.cli import main
+    from gadiag_core.commands.main import main
 
     rows = [{"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"},
             {"question": "What is 4+4?", "answer": "4+4=<<4+4=8>>8\n#### 8"}]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gadiag_core.cli import main
+from gadiag_core.commands.main import main
 from test_cli import TINY_CONFIG
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -201,7 +201,7 @@ def test_html_report_files_are_self_contained(tiny_run):
 def test_html_report_tolerates_older_records(tiny_run, tmp_path, capsys):
     """Runs without per-token strings, teachers' top tokens or summary.json
     (interrupted) still report."""
-    from gadiag_core.html_report import write_html_report
+    from gadiag_core.reports.html_report import write_html_report
 
     run = tmp_path / "old-run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("report", "*.parquet"))

@@ -26,7 +26,7 @@ OUTPUT_FILES = ("rollouts.jsonl", "tokens.jsonl", "questions.jsonl", "summary.js
 
 
 def cli(config, model_dir, run_dir):
-    return [sys.executable, "-m", "gadiag_core.cli", "--config", str(config), "--model", str(model_dir), "--run-dir", str(run_dir)]
+    return [sys.executable, "-m", "gadiag_core.commands.main", "--config", str(config), "--model", str(model_dir), "--run-dir", str(run_dir)]
 
 
 def run_to_end(argv):

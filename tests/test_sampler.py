@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_lm
 from gadiag_core.interfaces import ContinuationRequest
 from gadiag_core.registry import load_registry
-from gadiag_plugins.samplers import BatchedSampler, PrefixSampler, _Arch, _auto_threads, _draw, _draw_fast
+from gadiag_plugins.sampling.prefix import BatchedSampler, PrefixSampler, _Arch, _auto_threads, _draw, _draw_fast
 
 EOS = 3  # <|im_end|> of the tiny tokenizer
 
@@ -99,7 +99,7 @@ def test_greedy_matches_generate_other_families(tiny_lm, family):
     through the same path."""
     import transformers
 
-    from gadiag_core.lm import HFCausalLM
+    from gadiag_plugins.students.hf import HFCausalLM
 
     config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
     model_class = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[family]
@@ -158,7 +158,7 @@ def test_decode_logits_match_full_forward(tiny_lm):
 def test_common_start_encoded_once(tiny_lm):
     """Roots that begin alike (one instruction before different questions)
     have that start encoded once; the continuations are unchanged."""
-    from gadiag_plugins import samplers
+    from gadiag_plugins.sampling import prefix as samplers
 
     instruction = "Answer briefly, and show each step of the working: "
     roots = [prompt(tiny_lm, instruction + q) for q in ("What is 12+7?", "Name a prime.", "Count to five!")]
@@ -296,7 +296,7 @@ def test_threads_option_restores_setting(tiny_lm):
 
 
 def test_unsupported_model_falls_back_to_batched(tiny_lm, monkeypatch):
-    import gadiag_plugins.samplers as samplers
+    import gadiag_plugins.sampling.prefix as samplers
 
     requests = mixed_requests(tiny_lm, max_new=8)
     expected = BatchedSampler().sample(tiny_lm, requests, 1.0)

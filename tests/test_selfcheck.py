@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from gadiag_core.cli import main
+from gadiag_core.commands.main import main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,8 +39,8 @@ BIASED_PLUGIN = '''
     import torch
 
     from gadiag_core import hookimpl
-    from gadiag_core.vectors import ideal_vector_on_candidates
-    from gadiag_plugins.estimators import TargetedEstimator
+    from gadiag_core.scoring.vectors import ideal_vector_on_candidates
+    from gadiag_plugins.estimation.targeted import TargetedEstimator
 
 
     class ShrunkSampled(TargetedEstimator):

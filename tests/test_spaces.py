@@ -1,4 +1,4 @@
-"""Gradient spaces (gadiag_core.spaces) against brute-force per-node autograd.
+"""Gradient spaces (gadiag_core.scoring.spaces) against brute-force per-node autograd.
 
 The brute force is the definition: one forward of prompt + generated, then one
 torch.autograd.grad of ⟨z_t, v⟩ (per node) or Σ_t ⟨z_t, v_t⟩ (per question)
@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_tiny_lm
 from gadiag_core.errors import UsageError
-from gadiag_core.spaces import (
+from gadiag_core.scoring.spaces import (
     GRAD_MEMORY_ENV,
     alignment_scores,
     check_space,
@@ -196,7 +196,7 @@ def test_embedding_subclass(tmp_path, tie):
 
 def test_bfloat16_model_runs(tmp_path):
     lm = make_tiny_lm(tmp_path / "f32", tie=True)
-    from gadiag_core.lm import load_lm
+    from gadiag_plugins.students.hf import load_lm
 
     low = load_lm(str(tmp_path / "f32"), dtype="bfloat16")
     problem = _problem(lm)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gadiag_core import hookspecs
-from gadiag_core import vectors as vec
+from gadiag_core.scoring import vectors as vec
 from gadiag_core.interfaces import Objective
 
 N, V = 5, 11
@@ -346,7 +346,7 @@ def test_masked_student_logits_give_no_nan():
 
 
 def test_objectives_plugin_registers_and_matches():
-    import gadiag_plugins.objectives as plugin_module
+    import gadiag_plugins.objectives.forms as plugin_module
 
     pm = pluggy.PluginManager("gadiag")
     pm.add_hookspecs(hookspecs)

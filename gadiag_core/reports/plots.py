@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from gadiag_core.alignment import REFERENCE_ROWS
-from gadiag_core.records import Run
+from gadiag_core.scoring.alignment import REFERENCE_ROWS
+from gadiag_core.store.records import Run
 
 PLOT_FILES = {
     "alignment_by_position.png": "Alignment along the rollout",

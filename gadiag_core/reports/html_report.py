@@ -4,7 +4,7 @@
     report/question-<id>.html          one page per question: each rollout's text
                                        as a heat-map of per-token alignment, and
                                        a matrix of every row at the scored tokens
-    report/alignment_by_position.png   the plots (see gadiag_core.plots)
+    report/alignment_by_position.png   the plots (see gadiag_core.reports.plots)
     report/alignment_distribution.png
     report/correct_vs_incorrect.png
 
@@ -19,14 +19,16 @@ red hurts; tokens that were not scored (screened out) stay uncoloured.
 
 from __future__ import annotations
 
+from gadiag_core.reports.format import num  # noqa: E402
+
 import html
 import json
 import math
 import re
 from pathlib import Path
 
-from gadiag_core.alignment import REFERENCE_ROWS
-from gadiag_core.records import Run, finite, ideal_candidates, load_run
+from gadiag_core.scoring.alignment import REFERENCE_ROWS
+from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
 
 REPORT_DIR = "report"
 
@@ -35,10 +37,6 @@ REPORT_DIR = "report"
 
 def _esc(value) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _num(value, fmt="{:+.3f}") -> str:
-    return fmt.format(value) if finite(value) else "–"
 
 
 def _interval(pair) -> str:
@@ -163,7 +161,7 @@ def _run_header(run: Run) -> str:
         f"({s.get('rollouts_correct', 0)} correct, accuracy {_pct(s.get('accuracy'))}); "
         f"{budget.get('continuations', 0):.0f} continuations, {budget.get('sampled_tokens', 0):.0f} sampled tokens, "
         f"{budget.get('nodes_targeted', 0):.0f}/{budget.get('nodes_screened', 0):.0f} nodes targeted, "
-        f"covered mass {_num(budget.get('mean_covered_mass'), '{:.2f}')}"
+        f"covered mass {num(budget.get('mean_covered_mass'), '{:.2f}')}"
     )
     banner = (
         ""
@@ -203,7 +201,7 @@ def _leaderboard_html(run: Run) -> str:
         if name in REFERENCE_ROWS:
             teacher, objective = name, "reference"
         cells = "".join(
-            f"<td style=\"background:{colour(row.get(key))}\">{_num(row.get(key))}</td>"
+            f"<td style=\"background:{colour(row.get(key))}\">{num(row.get(key))}</td>"
             if key
             else f"<td class=\"dim\">{_interval(row.get('ci_all'))}</td>"
             for key in ("mean_all", None, "mean_incorrect", "mean_correct", "mean_question")
@@ -223,7 +221,7 @@ def _leaderboard_html(run: Run) -> str:
 
 
 def _index_html(run: Run, pages: dict[str, str], plots: list[str]) -> str:
-    from gadiag_core.plots import PLOT_FILES
+    from gadiag_core.reports.plots import PLOT_FILES
 
     row = run.default_row()
     figures = "".join(
@@ -241,7 +239,7 @@ def _index_html(run: Run, pages: dict[str, str], plots: list[str]) -> str:
             mark = "✓" if r.get("correct") else "✗"
             chips.append(
                 f"<a class=\"chip\" style=\"background:{colour(q_cos)}\" href=\"{_esc(pages[qid])}#r{r['rollout']}\" "
-                f"title=\"rollout {r['rollout']}: {'correct' if r.get('correct') else 'incorrect'}; {_esc(row or '')} {_num(q_cos)}\">"
+                f"title=\"rollout {r['rollout']}: {'correct' if r.get('correct') else 'incorrect'}; {_esc(row or '')} {num(q_cos)}\">"
                 f"r{r['rollout']} {mark}</a>"
             )
         scored = sum(len(run.nodes(qid, r["rollout"])) for r in rollouts)
@@ -336,14 +334,14 @@ def _rollout_section(run: Run, qid: str, rollout: dict, rows: list[str], row: st
     lines = []
     for name in rows:
         cells = "".join(
-            f"<td class=\"cell\" data-r=\"{r}\" data-n=\"{t}\" style=\"background:{colour(v)}\">{_num(v, '{:+.2f}')}</td>"
+            f"<td class=\"cell\" data-r=\"{r}\" data-n=\"{t}\" style=\"background:{colour(v)}\">{num(v, '{:+.2f}')}</td>"
             for t in positions
             for v in [nodes[t].get("cos", {}).get(name)]
         )
         selected = ' class="sel"' if name == row else ""
         lines.append(
             f"<tr data-row=\"{_esc(name)}\"{selected}><td class=\"l\">{_esc(name)}</td>"
-            f"<td style=\"background:{colour(q_cos.get(name))}\">{_num(q_cos.get(name))}</td>{cells}</tr>"
+            f"<td style=\"background:{colour(q_cos.get(name))}\">{num(q_cos.get(name))}</td>{cells}</tr>"
         )
     matrix = (
         f"<table class=\"matrix\"><thead><tr><th class=\"l\">row</th><th title=\"alignment of the whole rollout\">rollout</th>"
@@ -356,7 +354,7 @@ def _rollout_section(run: Run, qid: str, rollout: dict, rows: list[str], row: st
     heading = (
         f"<h2 id=\"r{r}\">Rollout {r} · {verdict} · {n_tokens} tokens, {len(nodes)} scored · "
         f"this rollout's alignment <span class=\"chip qcos\" data-r=\"{r}\" "
-        f"style=\"background:{colour(q_cos.get(row) if row else None)}\">{_num(q_cos.get(row) if row else None)}</span></h2>"
+        f"style=\"background:{colour(q_cos.get(row) if row else None)}\">{num(q_cos.get(row) if row else None)}</span></h2>"
     )
     note = f"<p class=\"dim\">Teachers skipped on this rollout: {_esc(', '.join(skipped))}</p>" if skipped else ""
     body = (
@@ -595,7 +593,7 @@ def _question_html(run: Run, qid: str, index: int, pages: dict[str, str], order:
 def write_html_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report/ (index.html, a page per question, the PNG plots);
     returns the path of index.html."""
-    from gadiag_core.plots import write_plots
+    from gadiag_core.reports.plots import write_plots
 
     run = load_run(run_dir)
     folder = run.path / REPORT_DIR

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import random
 import time
@@ -18,10 +17,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gadiag_core import noise as noise_mod
-from gadiag_core.alignment import aggregate
-from gadiag_core.errors import UsageError
-from gadiag_core.html_report import write_html_report
+from gadiag_core.scoring import noise as noise_mod
+from gadiag_core.scoring.alignment import aggregate
+from gadiag_core.config import RunConfig
+from gadiag_core.options import as_dict
+from gadiag_core.reports.html_report import write_html_report
 from gadiag_core.interfaces import (
     ContextInputs,
     ContinuationRequest,
@@ -31,18 +31,17 @@ from gadiag_core.interfaces import (
     Problem,
     RolloutSampler,
     RolloutView,
+    RunContext,
     Student,
     Task,
     Teacher,
 )
-from gadiag_core.lm import same_tokenizer
-from gadiag_core.records import write_parquet
+from gadiag_core.store.records import write_parquet
 from gadiag_core.registry import Registry
-from gadiag_core.rundir import RunDir
+from gadiag_core.store.rundir import RunDir
 from gadiag_core.seeding import derive_seed
-from gadiag_core.spaces import alignment_scores, space_description
-from gadiag_core.teacher import ContextTeacher
-from gadiag_core.vectors import policy, rl_outcome_vector
+from gadiag_core.scoring.spaces import alignment_scores, space_description
+from gadiag_core.scoring.vectors import policy, rl_outcome_vector
 
 
 @dataclass
@@ -70,60 +69,37 @@ class Rollout:
 # Building the components a config names
 
 
-def add_config_teachers(config: dict, registry: Registry) -> None:
-    """Register `[teachers.NAME]` model teachers from the config."""
-    for name, spec in config["teachers"].items():
-        context_name = spec.get("context", "solution")
-        registry.get("context", context_name)  # unknown context -> suggestion
-
-        def factory(student, contexts, _spec=spec, _name=name, _context=context_name):
-            lm = registry.create(
-                "student", "hf", model=_spec["model"], temperature=1.0, dtype=_spec.get("dtype", config["student"]["dtype"])
-            )
-            if not same_tokenizer(lm, student):
-                raise UsageError(
-                    f"teacher {_name!r} ({_spec['model']}) uses a different tokenizer from the student: "
-                    "cross-tokenizer teachers are not supported yet; pick a teacher of the student's model family"
-                )
-            return ContextTeacher(_name, lm, contexts[_context].factory(), f"{_spec['model']} shown '{_context}'")
-
-        registry.add("teacher", name, factory, f"{spec['model']} shown '{context_name}'", "harness.toml")
-
-
-def build_components(config: dict, registry: Registry) -> Components:
-    run, student_cfg = config["run"], config["student"]
-    add_config_teachers(config, registry)
-    # Resolve every name first, so a typo fails before any model loads.
-    teacher_names = registry.resolve("teacher", run["teachers"])
-    objective_names = registry.resolve("objective", run["objectives"])
-    registry.get("task", run["task"])
-    registry.get("sampler", config["sampler"]["name"])
-    registry.get("estimator", config["estimator"]["name"])
-
-    task = registry.create("task", run["task"], **config["task"])
-    sampler = registry.create("sampler", config["sampler"]["name"], **_options(config["sampler"]))
-    estimator_options = _options(config["estimator"])
-    factory = registry.get("estimator", config["estimator"]["name"]).factory
-    if "rollouts_total" in inspect.signature(factory).parameters:
-        # Run budgets are shared evenly over every rollout of the run (not the
-        # ones left), so a resumed run spends exactly what an uninterrupted one does.
-        estimator_options.setdefault("rollouts_total", run["questions"] * run["rollouts_per_question"])
-    estimator = registry.create("estimator", config["estimator"]["name"], **estimator_options)
-    objectives = {name: registry.create("objective", name) for name in objective_names}
-    student = registry.create(
-        "student",
-        student_cfg["backend"],
-        model=student_cfg["model"],
-        temperature=student_cfg["temperature"],
-        dtype=student_cfg["dtype"],
+def build_components(config: RunConfig, registry: Registry) -> Components:
+    """Every component of the run, built through the registry (names and
+    options were checked by config.validate; models load here)."""
+    run = RunContext(
+        seed=config.run.seed,
+        rollouts_total=config.rollouts_total,
+        max_new_tokens=config.student.max_new_tokens,
+        temperature=config.student.temperature,
+        dtype=getattr(config.student_options, "dtype", "float32") or "float32",
+        registry=registry,
     )
-    contexts = registry.entries["context"]
-    teachers = {name: registry.get("teacher", name).factory(student=student, contexts=contexts) for name in teacher_names}
-    return Components(task, student, teachers, objectives, sampler, estimator)
+    task = registry.create("task", config.task.name, run, **config.task.option_dict())
+    sampler = registry.create("sampler", config.sampler.name, run, **config.sampler.option_dict())
+    estimator = registry.create("estimator", config.estimator.name, run, **config.estimator.option_dict())
+    objectives = {name: registry.create("objective", name, run, **choice.option_dict()) for name, choice in config.objectives.items()}
+    run.student = registry.create("student", config.student.backend, run, **_set(config.student_options))
+    teachers = {}
+    for name in config.run.teachers:
+        if name in config.teachers:
+            choice = config.teachers[name]
+            teacher = registry.create("teacher_type", choice.name, run, **_set(choice.options))
+            teacher.name = name
+        else:
+            teacher = registry.create("teacher", name, run)
+        teachers[name] = teacher
+    return Components(task, run.student, teachers, objectives, sampler, estimator)
 
 
-def _options(table: dict) -> dict:
-    return {k: v for k, v in table.items() if k != "name"}
+def _set(options) -> dict:
+    """An options instance as the keyword arguments that rebuild it."""
+    return {k: v for k, v in as_dict(options).items()}
 
 
 # ----------------------------------------------------------------------------
@@ -136,8 +112,7 @@ def sample_rollouts(c: Components, problems: list[Problem], config: dict, on_don
     Requested in chunks of about `chunk` rows: large enough to batch well,
     small enough for the progress bar to move. Seeds make the chunking
     irrelevant to the result."""
-    run = config["run"]
-    per_question = run["rollouts_per_question"]
+    per_question = config.run.rollouts_per_question
     requests, meta = [], []
     for problem in problems:
         messages = c.task.student_messages(problem)
@@ -146,8 +121,8 @@ def sample_rollouts(c: Components, problems: list[Problem], config: dict, on_don
             requests.append(
                 ContinuationRequest(
                     prefix_ids=tuple(prompt_ids),
-                    max_new_tokens=config["student"]["max_new_tokens"],
-                    seed=derive_seed(run["seed"], "rollout", problem.id, index),
+                    max_new_tokens=config.student.max_new_tokens,
+                    seed=derive_seed(config.run.seed, "rollout", problem.id, index),
                 )
             )
             meta.append((problem, index, prompt_ids, messages))
@@ -168,7 +143,7 @@ def sample_rollouts(c: Components, problems: list[Problem], config: dict, on_don
 
 def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], problems: list[Problem], config: dict):
     """Token records and the rollout record for one student rollout."""
-    seed = derive_seed(config["run"]["seed"], "diagnose", rollout.problem.id, rollout.index)
+    seed = derive_seed(config.run.seed, "diagnose", rollout.problem.id, rollout.index)
     tau = c.student.temperature
     gen = rollout.generated_ids
     z = c.student.node_logits(rollout.prompt_ids, gen).float()  # [T, V]
@@ -202,7 +177,7 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
             student_logits=z,
             teacher_preferred={name: lp.argmax(-1) for name, lp in teacher_logprobs.items()},
             verify=lambda text: c.task.verify(rollout.problem, text),
-            max_new_tokens=config["student"]["max_new_tokens"],
+            max_new_tokens=config.student.max_new_tokens,
             seed=seed,
         )
     )
@@ -243,10 +218,10 @@ def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], p
     # Noise ceiling: agreement of the two independent halves of â*.
     pairs["noise_ceiling"] = ("ideal_half0", "ideal_half1")
 
-    scores = alignment_scores(config["run"]["space"], c.student, rollout.prompt_ids, gen, sel, vectors, pairs)
+    scores = alignment_scores(config.run.space, c.student, rollout.prompt_ids, gen, sel, vectors, pairs)
     cos_rows = {row: per_node for row, (per_node, _) in scores.items()}
     rollout_record["question_cos"] = {row: per_question for row, (_, per_question) in scores.items()}
-    noise = noise_terms(estimate.nodes, probs_sel, vectors, pairs, tau, seed) if config["run"]["space"] == "logits" else None
+    noise = noise_terms(estimate.nodes, probs_sel, vectors, pairs, tau, seed) if config.run.space == "logits" else None
     if noise is not None:
         rollout_record["question_cos_corrected"] = noise["question_corrected"]
 
@@ -308,7 +283,7 @@ def node_energy(node, tau: float) -> torch.Tensor:
 
 def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict:
     """Monte-Carlo noise of the ideal vectors, in the logits space (DESIGN §1 "Noise",
-    gadiag_core.noise): per node ‖â‖² and the binomial estimate of ‖a*‖² (the
+    gadiag_core.scoring.noise): per node ‖â‖² and the binomial estimate of ‖a*‖² (the
     energy that corrected aggregates use); per rollout the pooled corrected
     per-question cosine of each row; per token a 95% posterior interval of each
     row's full-vocabulary cosine."""
@@ -364,20 +339,20 @@ def run(config: dict, registry: Registry, console: Console | None = None) -> tup
     run ends with exactly the files of an uninterrupted one."""
     console = console or Console(stderr=True)
     started = time.time()
-    threads = config["run"]["threads"] or os.cpu_count() or 1
+    threads = config.run.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    torch.manual_seed(config["run"]["seed"])
+    torch.manual_seed(config.run.seed)
 
-    run_dir = RunDir.open_or_create(config)
+    run_dir = RunDir.open_or_create(config.to_dict())
     with console.status("loading student and teachers…"):
         c = build_components(config, registry)
     console.print(f"run directory: {run_dir.path}")
-    problems = c.task.problems(config["run"]["questions"], config["run"]["seed"])
+    problems = c.task.problems(config.run.questions, config.run.seed)
 
     with _progress(console) as progress:
         rollouts = load_rollouts(c, problems, run_dir)
         if rollouts is None:
-            n_rollouts = len(problems) * config["run"]["rollouts_per_question"]
+            n_rollouts = len(problems) * config.run.rollouts_per_question
             bar = progress.add_task("sampling student rollouts", total=n_rollouts)
             rollouts = sample_rollouts(c, problems, config, on_done=lambda: progress.advance(bar))
             run_dir.write_jsonl("rollouts.jsonl", [rollout_row(c, r) for r in rollouts])
@@ -456,11 +431,11 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "task": c.task.name,
         "task_version": c.task.version,
         "task_source": getattr(c.task, "source", None),
-        "student": config["student"]["model"],
-        "space": config["run"]["space"],
-        "space_description": space_description(config["run"]["space"], c.student.model),
-        "estimator": config["estimator"]["name"],
-        "sampler": config["sampler"]["name"],
+        "student": getattr(config.student_options, "model", config.student.backend),
+        "space": config.run.space,
+        "space_description": space_description(config.run.space, c.student.model),
+        "estimator": config.estimator.name,
+        "sampler": config.sampler.name,
         "teachers": list(c.teachers),
         "objectives": list(c.objectives),
         "questions": len({r.problem.id for r in rollouts}),

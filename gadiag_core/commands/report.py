@@ -12,37 +12,29 @@ written so far, and says so.
 
 from __future__ import annotations
 
+from gadiag_core.reports.format import num  # noqa: E402
+
 import argparse
 import math
 
 from rich.console import Console
 from rich.table import Table
 
-from gadiag_core.alignment import REFERENCE_ROWS
+from gadiag_core.scoring.alignment import REFERENCE_ROWS
+from gadiag_core.commands.common import ArgumentParser
 from gadiag_core.errors import UsageError
-from gadiag_core.records import Run, load_run
+from gadiag_core.store.records import Run, load_run
 
 # The numbers each run contributes to the combined table.
 GROUP_COLUMNS = (("align", "mean_all"), ("incorrect", "mean_incorrect"), ("correct", "mean_correct"), ("nodes", "nodes"))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see gadiag-harness report --help)")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gadiag-harness report", description="Print the leaderboard of one run, or one table combining several runs.")
+    p = ArgumentParser(prog="gadiag-harness report", description="Print the leaderboard of one run, or one table combining several runs.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (several: one combined table)")
     p.add_argument("--html", action="store_true", help="also write each run's HTML report and plots into RUN_DIR/report/")
     p.add_argument("--parquet", action="store_true", help="also write each run's records as Parquet (RUN_DIR/*.parquet)")
     return p
-
-
-def _num(value, fmt="{:+.3f}") -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "–"
-    return fmt.format(value)
 
 
 def group_labels(runs: list[Run]) -> list[str]:
@@ -80,7 +72,7 @@ def combined_table(runs: list[Run]) -> Table:
         s = run.summary
         text = (
             f"{label}: {run.path} · student {s.get('student', '?')} · {s.get('questions', 0)} questions, "
-            f"{s.get('rollouts', 0)} rollouts, accuracy {_num(s.get('accuracy'), '{:.0%}')}"
+            f"{s.get('rollouts', 0)} rollouts, accuracy {num(s.get('accuracy'), '{:.0%}')}"
         )
         if not run.finished:
             text += f" · UNFINISHED: {s.get('rollouts_diagnosed', 0)} of {s.get('rollouts', 0)} rollouts diagnosed"
@@ -111,7 +103,7 @@ def combined_table(runs: list[Run]) -> Table:
                 elif key == "nodes":
                     out.append(str(row.get(key, 0)))
                 else:
-                    out.append(_num(row.get(key)))
+                    out.append(num(row.get(key)))
         return out
 
     for name in rows:
@@ -139,7 +131,7 @@ def main(argv: list[str]) -> int:
     runs = [load_run(path) for path in args.run_dirs]
     console = Console()
     if len(runs) == 1:
-        from gadiag_core.leaderboard import leaderboard_table
+        from gadiag_core.reports.leaderboard import leaderboard_table
 
         run = runs[0]
         if not run.finished:
@@ -152,12 +144,12 @@ def main(argv: list[str]) -> int:
     err = Console(stderr=True)
     for run in runs:
         if args.parquet:
-            from gadiag_core.records import write_parquet
+            from gadiag_core.store.records import write_parquet
 
             for path in write_parquet(run.path):
                 err.print(f"wrote {path}")
         if args.html:
-            from gadiag_core.html_report import write_html_report
+            from gadiag_core.reports.html_report import write_html_report
 
             err.print(f"wrote {write_html_report(run.path)}")
     return 0

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 
 import torch
 
-from gadiag_core import hookimpl
 from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import (
     CausalLM,
@@ -55,7 +54,7 @@ from gadiag_core.interfaces import (
     IdealEstimate,
     NodeEstimate,
 )
-from gadiag_core.vectors import ideal_vector, policy, screen_bound
+from gadiag_core.scoring.vectors import ideal_vector, policy, screen_bound
 
 
 @dataclass
@@ -188,7 +187,7 @@ class _Judge:
 
 def _fast_batch_decoder(lm: CausalLM):
     """A batched equivalent of HFCausalLM.decode, or None when unavailable."""
-    from gadiag_core.lm import HFCausalLM
+    from gadiag_plugins.students.hf import HFCausalLM
 
     if type(lm).decode is not HFCausalLM.decode:
         return None
@@ -405,7 +404,3 @@ class ExactEstimator(GradientEstimator):
             )
         return IdealEstimate(nodes=estimates, screen_bound=bound, budget=budget)
 
-
-@hookimpl
-def register_estimators(register):
-    register("exact", ExactEstimator, ExactEstimator.description)

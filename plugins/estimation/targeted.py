@@ -81,7 +81,7 @@ the sample index in its stream: results do not depend on batching.
 
 Extra per-node fields (`TargetedNodeEstimate`, also returned by `uniform`):
     q_var    [C] unbiased estimate of Var(Q̂_k) (Q̂(1−Q̂)/(n−1); 0 where exact):
-             noise energy N̂ = gadiag_core.noise.noise_energy(probs, q_var, τ)
+             noise energy N̂ = gadiag_core.scoring.noise.noise_energy(probs, q_var, τ)
     q_se     [C] standard error of Q̂_k for intervals (Laplace-smoothed, never 0
              unless exact)
     exact    [C] bool, Q computed exactly by the verifier
@@ -99,7 +99,6 @@ from typing import Optional
 
 import torch
 
-from gadiag_core import hookimpl
 from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import (
     ContinuationRequest,
@@ -109,7 +108,7 @@ from gadiag_core.interfaces import (
     NodeEstimate,
 )
 from gadiag_core.seeding import derive_seed
-from gadiag_core.vectors import ideal_vector_on_candidates, policy, screen_bound
+from gadiag_core.scoring.vectors import ideal_vector_on_candidates, policy, screen_bound
 
 __all__ = [
     "candidate_tokens",
@@ -925,8 +924,3 @@ class TargetedEstimator(_ScreenedEstimator):
         self.spent["sampled_tokens"] += pool.tokens
         return IdealEstimate(nodes=estimates, screen_bound=bound, budget=info)
 
-
-@hookimpl
-def register_estimators(register):
-    register("targeted", TargetedEstimator, TargetedEstimator.description)
-    register("uniform", UniformEstimator, UniformEstimator.description)

@@ -6,7 +6,7 @@
                              [--max-median 0.25] [--min-coverage 0.90] [--max-bias-sd 0.35]
                              [--plugins-dir DIR]
 
-What it does. The exact environment (gadiag_core.toy_env: a tiny seeded
+What it does. The exact environment (gadiag_tasks.toy_env: a tiny seeded
 student, the `toy` task, fixed rollouts, three teachers) gives the exact ideal
 vector a*(u_t) at every node (plugins/exact.py). Each estimator is run on every
 rollout `--seeds` times (independent replicates) at each budget (values of
@@ -28,7 +28,7 @@ Columns of the estimator table:
                  leaderboard mean (noise shrinkage + candidate truncation)
     mean |Δ|     the error of what a leaderboard prints: per seed and row, the
                  noise-corrected token mean (global binomial correction, as in
-                 gadiag_core.alignment) against the exact mean over the same
+                 gadiag_core.scoring.alignment) against the exact mean over the same
                  nodes; the median over seeds × rows (reported, not gated: it
                  shrinks with the number of nodes averaged, 73 here)
     cov a*_C     share of 95% intervals (noise.cosine_interval, a posterior over
@@ -242,8 +242,8 @@ def objective_vectors(env, objectives: dict) -> dict[tuple[int, str], torch.Tens
 
 def compare(env, estimator, vectors: dict, seeds: int, name: str = "", budget: str = "") -> Comparison:
     """Run `estimator` on every rollout for seeds 0 … seeds−1 and compare with the exact vectors."""
-    from gadiag_core import noise
-    from gadiag_core.vectors import cosine, ideal_vector_on_candidates
+    from gadiag_core.scoring import noise
+    from gadiag_core.scoring.vectors import cosine, ideal_vector_on_candidates
 
     tau = env.student.temperature
     rows = sorted({row for (_, row) in vectors})
@@ -418,10 +418,10 @@ def summarize(c: Comparison) -> Summary:
         if bool(m.any()):
             row_bias = max(row_bias, abs(float((d["cos_hat"][m] - d["cos_exact"][m]).mean())))
     # The error of what a leaderboard prints: per seed (one run) and row, the
-    # noise-corrected token mean (as gadiag_core.alignment computes it: global
+    # noise-corrected token mean (as gadiag_core.scoring.alignment computes it: global
     # correction with the binomial energy, clipped to ±1) against the exact
     # mean over the same nodes (whole vocabulary); the median over runs × rows.
-    from gadiag_core.noise import mean_cosine_global_correction
+    from gadiag_core.scoring.noise import mean_cosine_global_correction
 
     mean_errors = []
     for seed in d["seed"].unique().tolist():
@@ -503,7 +503,7 @@ def noise_correction_report(c: Comparison, target: str = "cos_exact_c") -> dict:
                                  rollout's nodes) cosine, averaged over questions
                                  (noise.pooled_cosine; undefined ones left out)
     """
-    from gadiag_core import noise
+    from gadiag_core.scoring import noise
 
     d = c.data
     keep = ~d[target].isnan() & ~d["cos_hat"].isnan()
@@ -571,7 +571,7 @@ def noise_correction_report(c: Comparison, target: str = "cos_exact_c") -> dict:
 
 
 def parser():
-    from gadiag_core.cli import ArgumentParser, _add_common
+    from gadiag_core.commands.common import ArgumentParser, add_common
 
     p = ArgumentParser(
         prog="gadiag-harness selfcheck",
@@ -590,7 +590,7 @@ def parser():
     p.add_argument("--min-coverage", type=float, default=DEFAULT_MIN_COVERAGE, help=f"smallest 95%%-interval coverage at every budget (default {DEFAULT_MIN_COVERAGE})")
     p.add_argument("--max-bias-sd", type=float, default=DEFAULT_MAX_BIAS_SD, help=f"largest bias of â, in noise SDs of one estimate, at every budget (default {DEFAULT_MAX_BIAS_SD})")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    _add_common(p)
+    add_common(p)
     return p
 
 
@@ -657,7 +657,7 @@ def check_summary(s: Summary, is_default: bool, args) -> list[str]:
 def run_selfcheck(args, registry, console) -> int:
     from rich.table import Table
 
-    from gadiag_core.toy_env import build_environment
+    from gadiag_tasks.toy_env import build_environment
 
     if args.seeds < 2 or args.problems < 1 or args.rollouts < 1:
         raise UsageError("--seeds must be at least 2, --problems and --rollouts at least 1")

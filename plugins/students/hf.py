@@ -140,7 +140,7 @@ def same_tokenizer(a, b) -> bool:
 
 def load_lm(spec: str, dtype="float32", temperature: float = 1.0, name: Optional[str] = None, device=None) -> HFCausalLM:
     """Load a model spec (alias, .gguf file, folder, hub id) as an HFCausalLM."""
-    from gadiag_core.models import load_model
+    from gadiag_plugins.students.loading import load_model
 
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
         raise UsageError(f"temperature must be a positive number, got {temperature!r}")

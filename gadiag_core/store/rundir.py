@@ -6,8 +6,8 @@
     questions.jsonl  one line per diagnosed rollout: per-question alignment, budget
     tokens.jsonl     one line per scored node: candidates, Q̂, V̂, cosine per row
     summary.json     aggregates per row, budget totals, task version
-    *.parquet        the same records as Parquet (gadiag_core.records)
-    report/          index.html, question-<id>.html, *.png (gadiag_core.html_report)
+    *.parquet        the same records as Parquet (gadiag_core.store.records)
+    report/          index.html, question-<id>.html, *.png (gadiag_core.reports.html_report)
 
 Every file is written atomically (a temporary file renamed over the target),
 so an interrupted run leaves whole units or none. Rerunning the same command on

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from gadiag_core.reports.format import num  # noqa: E402
+
 import math
 
 from rich.console import Console
 from rich.table import Table
 
-from gadiag_core.alignment import REFERENCE_ROWS
-
-
-def _num(value, fmt="{:+.3f}") -> str:
-    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else fmt.format(value)
+from gadiag_core.scoring.alignment import REFERENCE_ROWS
 
 
 def _interval(pair) -> str:
@@ -22,7 +20,7 @@ def _interval(pair) -> str:
 
 
 def _pct(value) -> str:
-    return _num(None if value is None else 100 * value, "{:.0f}%")
+    return num(None if value is None else 100 * value, "{:.0f}%")
 
 
 def leaderboard_table(summary: dict) -> Table:
@@ -37,7 +35,7 @@ def leaderboard_table(summary: dict) -> Table:
         f"{summary['budget'].get('continuations', 0):.0f} continuations, "
         f"{summary['budget'].get('sampled_tokens', 0):.0f} sampled tokens, "
         f"{summary['budget'].get('nodes_targeted', 0):.0f}/{summary['budget'].get('nodes_screened', 0):.0f} nodes targeted, "
-        f"covered mass {_num(summary['budget'].get('mean_covered_mass'), '{:.2f}')}"
+        f"covered mass {num(summary['budget'].get('mean_covered_mass'), '{:.2f}')}"
     )
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for name, justify in [
@@ -69,13 +67,13 @@ def leaderboard_table(summary: dict) -> Table:
         table.add_row(
             teacher,
             objective,
-            _num(row["mean_all"]),
+            num(row["mean_all"]),
             _interval(row.get("ci_all")),
-            _num(row.get("mean_all_corrected")),
-            _num(row["mean_incorrect"]),
-            _num(row["mean_correct"]),
-            _num(row["mean_question"]),
-            _num(row.get("mean_question_corrected")),
+            num(row.get("mean_all_corrected")),
+            num(row["mean_incorrect"]),
+            num(row["mean_correct"]),
+            num(row["mean_question"]),
+            num(row.get("mean_question_corrected")),
             _pct(row["helps"]),
             _pct(row["hurts"]),
             str(row["nodes"]),

@@ -1,7 +1,7 @@
 """Reading a run directory's records, and storing them as Parquet.
 
 `load_run(path)` reads what `report`, `show` and the HTML report need from a
-run directory (see `gadiag_core.rundir`), finished or not: without
+run directory (see `gadiag_core.store.rundir`), finished or not: without
 summary.json (an interrupted run) the summary is rebuilt from the records,
 and without tokens.jsonl / questions.jsonl the per-rollout units are read.
 Nothing here imports torch, so these commands start quickly.
@@ -39,7 +39,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gadiag_core.alignment import REFERENCE_ROWS, aggregate
+from gadiag_core.scoring.alignment import REFERENCE_ROWS, aggregate
 from gadiag_core.errors import UsageError
 
 if sys.version_info >= (3, 11):

@@ -3,7 +3,7 @@ and the exact ideal vectors at every node (ground truth for DESIGN §1–2).
 
     env = build_environment()                 # ~2–3 s on one thread
     for r in env.rollouts:
-        r.exact_q            # [T, V] exact Q(u_t, k) (gadiag_plugins.exact.enumerate_tree)
+        r.exact_q            # [T, V] exact Q(u_t, k) (gadiag_plugins.estimation.exact.enumerate_tree)
         r.exact_ideal        # [T, V] exact a*(u_t)
         r.teacher_logprobs   # name -> [T, V]
         env.job(r, seed)     # an EstimationJob for any estimator
@@ -42,7 +42,7 @@ from gadiag_core.interfaces import (
     Task,
 )
 from gadiag_core.seeding import derive_seed
-from gadiag_core.vectors import ideal_vector
+from gadiag_core.scoring.vectors import ideal_vector
 
 SPECIAL_TOKENS = ["<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 DIGITS = "01234567"
@@ -112,7 +112,7 @@ def make_toy_model(seed: int = 0, hidden: int = 32, layers: int = 2, init_std: f
 
 def make_toy_lm(seed: int = 0, temperature: float = 1.0, name: Optional[str] = None, **model_kwargs):
     """The toy model as a gadiag Student (HFCausalLM)."""
-    from gadiag_core.lm import HFCausalLM
+    from gadiag_plugins.students.hf import HFCausalLM
 
     tokenizer = make_toy_tokenizer()
     model = make_toy_model(seed, tokenizer=tokenizer, **model_kwargs)
@@ -218,16 +218,16 @@ def build_environment(
 
     task defaults to the `toy` task and sampler to `batched` (batch 512); pass
     registry-built ones to use plugins instead. Exact Q comes from
-    `gadiag_plugins.exact.enumerate_tree`, one tree per problem."""
+    `gadiag_plugins.estimation.exact.enumerate_tree`, one tree per problem."""
     if task is None:
         from gadiag_tasks.toy import ToyTask
 
         task = ToyTask()
     if sampler is None:
-        from gadiag_plugins.samplers import BatchedSampler
+        from gadiag_plugins.sampling.prefix import BatchedSampler
 
         sampler = BatchedSampler(batch_size=512)
-    from gadiag_plugins.exact import enumerate_tree
+    from gadiag_plugins.estimation.exact import enumerate_tree
 
     student = student or make_toy_lm(model_seed, temperature=temperature)
     other = make_toy_lm(model_seed + 1000, name="toy-other")

@@ -16,6 +16,8 @@ Q̂), and the teacher's own top tokens when recorded.
 
 from __future__ import annotations
 
+from gadiag_core.reports.format import num  # noqa: E402
+
 import argparse
 import json
 
@@ -23,20 +25,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gadiag_core.alignment import REFERENCE_ROWS
+from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.errors import UsageError, did_you_mean
-from gadiag_core.records import Run, finite, ideal_candidates, load_run
+from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
 
 TOP_CANDIDATES = 4
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see gadiag-harness show --help)")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gadiag-harness show", description="A rollout's tokens coloured by their alignment with the ideal gradient.")
+    p = ArgumentParser(prog="gadiag-harness show", description="A rollout's tokens coloured by their alignment with the ideal gradient.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--question", required=True, metavar="N", help="question id, or its 0-based index in the run")
     p.add_argument("--rollout", type=int, metavar="R", help="only this rollout (default: every rollout of the question)")
@@ -45,10 +42,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-
-
-def _num(value, fmt="{:+.3f}") -> str:
-    return fmt.format(value) if finite(value) else "–"
 
 
 def quoted(token: str) -> str:
@@ -132,7 +125,7 @@ def nodes_table(run: Run, question: str, rollout: int, row: str) -> Table:
         value = record.get("cos", {}).get(row)
         candidates = ideal_candidates(record, run.temperature)
         listed = "\n".join(
-            f"{quoted(token)} {_num(q, '{:.2f}')}" + (f" ({_num(a, '{:+.3f}')})" if a is not None else "")
+            f"{quoted(token)} {num(q, '{:.2f}')}" + (f" ({num(a, '{:+.3f}')})" if a is not None else "")
             for token, _, q, _, a in candidates[:TOP_CANDIDATES]
         )
         if len(candidates) > TOP_CANDIDATES:
@@ -140,14 +133,14 @@ def nodes_table(run: Run, question: str, rollout: int, row: str) -> Table:
         cells = [
             str(position),
             quoted(record.get("token", "")),
-            Text(_num(value), style=style_for(value) if finite(value) else "dim"),
-            _num(record.get("pi_token"), "{:.3f}"),
-            _num(record.get("value"), "{:.3f}"),
+            Text(num(value), style=style_for(value) if finite(value) else "dim"),
+            num(record.get("pi_token"), "{:.3f}"),
+            num(record.get("value"), "{:.3f}"),
             listed,
         ]
         if teacher:
             top = (record.get("teacher_top") or {}).get(teacher)
-            cells.append("\n".join(f"{quoted(t)} {_num(p, '{:.2f}')}" for t, p in top) if top else Text("not recorded", style="dim"))
+            cells.append("\n".join(f"{quoted(t)} {num(p, '{:.2f}')}" for t, p in top) if top else Text("not recorded", style="dim"))
         table.add_row(*cells)
     return table
 
@@ -184,7 +177,7 @@ def main(argv: list[str]) -> int:
         verdict = "[green]✓ correct[/green]" if rollout.get("correct") else "[red]✗ incorrect[/red]"
         console.rule(
             f"rollout {r} · {verdict} · {n_tokens} tokens, {len(nodes)} scored · "
-            f"rollout alignment {_num(record.get('question_cos', {}).get(row))}",
+            f"rollout alignment {num(record.get('question_cos', {}).get(row))}",
             align="left",
         )
         console.print(rollout_text(run, question, rollout, row))

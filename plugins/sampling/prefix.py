@@ -22,7 +22,6 @@ from typing import Optional
 
 import torch
 
-from gadiag_core import hookimpl
 from gadiag_core.interfaces import CausalLM, ContinuationRequest, RolloutSampler
 
 
@@ -984,8 +983,3 @@ class PrefixSampler(RolloutSampler):
                 return out[:n]
         return out
 
-
-@hookimpl
-def register_samplers(register):
-    register("batched", BatchedSampler, BatchedSampler.description)
-    register("prefix", PrefixSampler, PrefixSampler.description)

@@ -1,6 +1,6 @@
 """Aggregates of alignment scores, per row (a teacher × objective, or a reference row).
 
-The per-node and per-question cosines come from `gadiag_core.spaces`; the
+The per-node and per-question cosines come from `gadiag_core.scoring.spaces`; the
 aggregates are computed from the run's records alone, so `report` can redo
 them from a run directory.
 """
@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from gadiag_core.noise import mean_cosine_global_correction
+from gadiag_core.scoring.noise import mean_cosine_global_correction
 
 REFERENCE_ROWS = ("rl_outcome", "noise_ceiling")
 
@@ -75,7 +75,7 @@ def aggregate(token_records: list[dict], rollout_records: list[dict]) -> dict[st
             questions[row].append(value)
         for row, value in record.get("question_cos_corrected", {}).items():
             questions_corrected[row].append(value)
-    # Noise correction of token means (gadiag_core.noise.mean_cosine_global_correction):
+    # Noise correction of token means (gadiag_core.scoring.noise.mean_cosine_global_correction):
     # one shrinkage factor per row and split, from Σ‖â‖² / Σ Ê‖a*‖² over its nodes.
     noise_parts = defaultdict(lambda: {"all": [], "incorrect": [], "correct": []})
     for record in token_records:

@@ -1,0 +1,49 @@
+"""Built-in rollout samplers: registration and options.
+
+    prefix   shared-prefix KV caches, rows stop independently (prefix.py; the default)
+    batched  plain batched KV-cache sampling (batched.py)
+
+Loaded at the start of every command; the samplers (and torch) are imported
+only when one is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from gadiag_core import hookimpl
+from gadiag_core.options import as_dict, option
+
+
+@dataclass(frozen=True)
+class BatchedOptions:
+    batch_size: int = option(32, "most rows sampled together", min=1, max=1_000_000)
+
+
+@dataclass(frozen=True)
+class PrefixOptions:
+    batch_size: int = option(128, "most rows decoded together", min=1, max=1_000_000)
+    threads: Optional[int] = option(None, "torch threads while sampling (none: decided by a quick check)", min=1, max=1024)
+    stop_strings: list[str] = option([], "a row also stops once its text contains one of these")
+    max_cache_mb: float = option(2048, "memory cap for one batch's KV caches (splits batches)", min=1)
+    prefill_tokens: int = option(4096, "most padded prefix tokens encoded in one forward pass", min=1)
+    pack_weights: Optional[bool] = option(None, "prepack weights for oneDNN (none: for models up to 600M parameters)")
+
+
+def _batched(options: BatchedOptions, run):
+    from gadiag_plugins.sampling.prefix import BatchedSampler
+
+    return BatchedSampler(**as_dict(options))
+
+
+def _prefix(options: PrefixOptions, run):
+    from gadiag_plugins.sampling.prefix import PrefixSampler
+
+    return PrefixSampler(**as_dict(options))
+
+
+@hookimpl
+def register_samplers(register):
+    register("batched", _batched, "batched KV-cache temperature sampling, per-request seeds", options=BatchedOptions)
+    register("prefix", _prefix, "prefix-sharing batched sampler: each shared prefix encoded once, rows stop independently", options=PrefixOptions)
