@@ -179,7 +179,11 @@ def validate(raw: dict, registry) -> RunConfig:
     student_raw = {**DEFAULTS["student"], **_table(raw, "student")}
     keys = build_options(StudentKeys, {k: v for k, v in student_raw.items() if k in STUDENT_KEYS}, "[student]")
     backend_raw = {k: v for k, v in student_raw.items() if k not in STUDENT_KEYS}
-    registry.get("student", keys.backend)
+    backend_fields = [f.name for f in fields(registry.get("student", keys.backend).options)]
+    for key in backend_raw:
+        if key not in backend_fields:
+            known = STUDENT_KEYS + backend_fields
+            raise UsageError(f"unknown key student.{key} in config.{did_you_mean(str(key), known)} Keys of [student]: {', '.join(known)}")
     student_options = registry.options("student", keys.backend, backend_raw)
 
     task = Choice(run.task, registry.options("task", run.task, _table(raw, "task")))

@@ -231,6 +231,8 @@ def build_options(options_cls, raw: dict, owner: str):
     owner: how messages name the plugin, e.g. "estimator 'targeted'".
     Raises UsageError naming the plugin, the option and the fix."""
     options_cls = options_cls or NoOptions
+    # "[run]" names a table of harness.toml: messages say run.key = value.
+    table = owner[1:-1] if owner.startswith("[") and owner.endswith("]") and " " not in owner else None
     if not isinstance(raw, dict):
         raise UsageError(f"{owner}: options must be a table of key = value, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(options_cls)}
@@ -238,6 +240,8 @@ def build_options(options_cls, raw: dict, owner: str):
     for key in raw:
         if key not in fields:
             known = ", ".join(fields) if fields else "(it has none)"
+            if table:
+                raise UsageError(f"unknown key {table}.{key} in config.{did_you_mean(str(key), fields)} Keys of [{table}]: {known}")
             raise UsageError(f"{owner} has no option {key!r}.{did_you_mean(str(key), fields)} Options: {known}")
     values = {}
     for name, f in fields.items():
@@ -245,6 +249,8 @@ def build_options(options_cls, raw: dict, owner: str):
             try:
                 values[name] = check_value(raw[name], hints.get(name, Any), _info(f))
             except ValueError as exc:
+                if table:
+                    raise UsageError(f"{table}.{name} = {raw[name]!r} {exc}") from None
                 raise UsageError(f"{owner}: option {name} = {raw[name]!r} {exc}") from None
         elif default_of(f) is MISSING:
             raise UsageError(f"{owner} needs option {name!r}: {_info(f).help or 'no default'}")

@@ -1,0 +1,269 @@
+"""Diagnosing one student rollout, in four stages (DESIGN §1–2):
+
+    teacher_logprobs   each teacher's log p_T at every node          [T, V] per teacher
+    estimate_ideal     the estimator's ideal vectors â* at the nodes it scores
+    node_vectors       every vector densified at the scored nodes    [N, V] per row
+    records            cosines (gadiag_core.scoring.spaces), noise terms, and
+                       the token and rollout records written to the run directory
+
+`diagnose_rollout` runs them in order and returns (token records, rollout record).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from gadiag_core.engine.components import Components, Rollout
+from gadiag_core.errors import UsageError
+from gadiag_core.interfaces import ContextInputs, EstimationJob, IdealEstimate, Problem, RolloutView
+from gadiag_core.scoring import noise as noise_mod
+from gadiag_core.scoring.spaces import alignment_scores
+from gadiag_core.scoring.vectors import policy, rl_outcome_vector
+from gadiag_core.seeding import derive_seed
+
+
+def token_strings(lm, ids: list[int]) -> list[str]:
+    """Each token as the text it adds (for display), not the tokenizer's raw form."""
+    return [lm.tokenizer.decode([i]) for i in ids]
+
+
+# ----------------------------------------------------------------------------
+# 1. Teachers
+
+
+def context_inputs(c: Components, rollout: Rollout, siblings: list[Rollout], problems: list[Problem], seed: int) -> ContextInputs:
+    return ContextInputs(
+        task=c.task,
+        problem=rollout.problem,
+        student_messages=rollout.messages,
+        other_problems=problems,
+        rollouts=[RolloutView(s.index, s.text, s.correct) for s in siblings],
+        rollout_index=rollout.index,
+        rng=random.Random(seed),
+    )
+
+
+def check_teacher_output(name: str, logprobs, steps: int, width: int) -> torch.Tensor:
+    """The plugin boundary: a teacher's output must be a [T, ≥V] tensor of finite
+    log-probabilities (−inf allowed: a token the teacher rules out)."""
+    if not isinstance(logprobs, torch.Tensor):
+        raise UsageError(f"teacher {name!r} returned {type(logprobs).__name__}, not a tensor of log-probabilities [T, V]")
+    if logprobs.dim() != 2 or logprobs.shape[0] != steps or logprobs.shape[1] < width:
+        raise UsageError(f"teacher {name!r} returned log-probabilities of shape {tuple(logprobs.shape)}; expected [{steps}, {width}] (one row per generated token)")
+    if torch.isnan(logprobs).any() or torch.isposinf(logprobs).any():
+        raise UsageError(f"teacher {name!r} returned NaN or +inf log-probabilities; check the teacher plugin")
+    return logprobs
+
+
+def teacher_logprobs(c: Components, inputs: ContextInputs, generated_ids: list[int], width: int) -> tuple[dict, list[str]]:
+    """({teacher: [T, V] log p_T}, [teachers skipped: no context for this rollout])."""
+    out, skipped = {}, []
+    for name, teacher in c.teachers.items():
+        logprobs = teacher.node_logprobs(inputs, generated_ids)
+        if logprobs is None:
+            skipped.append(name)
+            continue
+        logprobs = check_teacher_output(name, logprobs, len(generated_ids), width)
+        if logprobs.shape[-1] != width:  # same tokenizer, padded differently
+            logprobs = torch.log_softmax(logprobs[..., :width].float(), dim=-1)
+        out[name] = logprobs.float()
+    return out, skipped
+
+
+# ----------------------------------------------------------------------------
+# 2. The ideal vectors
+
+
+def estimate_ideal(c: Components, rollout: Rollout, z: torch.Tensor, logprobs: dict, max_new_tokens: int, seed: int) -> IdealEstimate:
+    return c.estimator.estimate(
+        EstimationJob(
+            student=c.student,
+            sampler=c.sampler,
+            prompt_ids=rollout.prompt_ids,
+            generated_ids=rollout.generated_ids,
+            student_logits=z,
+            teacher_preferred={name: lp.argmax(-1) for name, lp in logprobs.items()},
+            verify=lambda text: c.task.verify(rollout.problem, text),
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+    )
+
+
+# ----------------------------------------------------------------------------
+# 3. Vectors at the scored nodes
+
+
+@dataclass
+class NodeVectors:
+    """Every vector at the scored nodes, and which pairs are scored.
+
+    nodes:    [N] scored node indices t
+    sampled:  [N] the student's token at each
+    probs:    [N, V] π at each
+    vectors:  row name -> [N, V]; "ideal", "ideal_half0", "ideal_half1", each
+              "teacher/objective", "rl_outcome"
+    pairs:    scored row -> (vector a, vector b): cos(a, b) is the row's score
+    """
+
+    nodes: torch.Tensor
+    sampled: torch.Tensor
+    probs: torch.Tensor
+    vectors: dict
+    pairs: dict
+
+
+def node_vectors(c: Components, rollout: Rollout, estimate: IdealEstimate, z: torch.Tensor, logprobs: dict) -> NodeVectors:
+    tau = c.student.temperature
+    width = z.shape[-1]
+    sel = torch.tensor([n.node for n in estimate.nodes])
+    sampled = torch.tensor(rollout.generated_ids)[sel]
+    z_sel = z[sel]
+    probs_sel = policy(z_sel, tau)
+    vectors: dict[str, torch.Tensor] = {}
+    for name, part in (("ideal", lambda n: n.ideal), ("ideal_half0", lambda n: n.ideal_halves[0]), ("ideal_half1", lambda n: n.ideal_halves[1])):
+        dense = torch.zeros(len(sel), width)
+        for row, node in enumerate(estimate.nodes):
+            dense[row, node.candidates] = part(node).float()
+        vectors[name] = dense
+
+    # Distillation vectors b per teacher × objective, and the reference rows.
+    pairs: dict[str, tuple[str, str]] = {}
+    for tname, lp in logprobs.items():
+        for oname, objective in c.objectives.items():
+            row = f"{tname}/{oname}"
+            vectors[row] = objective.vector(z_sel, lp[sel], sampled, tau)
+            pairs[row] = ("ideal", row)
+    advantage = torch.tensor([float(rollout.correct) - n.value for n in estimate.nodes])
+    vectors["rl_outcome"] = rl_outcome_vector(probs_sel, sampled, advantage, tau)
+    pairs["rl_outcome"] = ("ideal", "rl_outcome")
+    # Noise ceiling: agreement of the two independent halves of â*.
+    pairs["noise_ceiling"] = ("ideal_half0", "ideal_half1")
+    return NodeVectors(sel, sampled, probs_sel, vectors, pairs)
+
+
+# ----------------------------------------------------------------------------
+# Noise of the ideal vectors (logits space)
+
+
+def node_energy(node, tau: float) -> torch.Tensor:
+    """An unbiased estimate of ‖a*‖² on the node's candidates: the estimator's
+    own (`energy_binomial`, which knows which Q̂ are exact), else the binomial
+    one from the counts; ‖â‖² when no Q̂ is replicated (exact estimators)."""
+    own = getattr(node, "energy_binomial", None)
+    if own is not None:
+        return torch.as_tensor(own, dtype=torch.float64)
+    if bool((node.counts <= 1).all()):
+        return (node.ideal.double() ** 2).sum()
+    return noise_mod.binomial_energy(node.ideal, node.probs, node.q_hat, node.counts, tau)
+
+
+def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict:
+    """Monte-Carlo noise of the ideal vectors, in the logits space (DESIGN §1 "Noise",
+    gadiag_core.scoring.noise): per node ‖â‖² and the binomial estimate of ‖a*‖²
+    (the energy that corrected aggregates use); per rollout the pooled corrected
+    per-question cosine of each row; per token a 95% posterior interval of each
+    row's full-vocabulary cosine."""
+    a_sq = torch.stack([(n.ideal.double() ** 2).sum() for n in nodes])
+    energy = torch.stack([node_energy(n, tau) for n in nodes])
+    rows = [row for row, (a, _) in pairs.items() if a == "ideal"]
+    question_corrected, intervals = {}, {row: [] for row in rows}
+    for row in rows:
+        b = vectors[row].double()
+        dots = (vectors["ideal"].double() * b).sum(-1)
+        question_corrected[row] = noise_mod.pooled_cosine(dots, energy, (b * b).sum(-1))
+    pp_total = (probs_sel.double() ** 2).sum(-1)  # [N]
+    for i, node in enumerate(nodes):
+        cand = node.candidates
+        b_all = torch.stack([vectors[row][i].double() for row in rows])  # [P, V]
+        pi = probs_sel[i].double()
+        b_c = b_all[:, cand]
+        out_pb = b_all @ pi - b_c @ pi[cand]
+        out_pp = float(pp_total[i] - (pi[cand] ** 2).sum())
+        counts = node.counts.clamp(min=0)
+        low, high, _ = noise_mod.cosine_interval(
+            node.probs, node.q_hat, counts, b_c, b_all.norm(dim=-1), out_pb, out_pp, tau, seed=derive_seed(seed, "ci", node.node)
+        )
+        for j, row in enumerate(rows):
+            intervals[row].append([float(low[j]), float(high[j])])
+    return {"a_sq": a_sq, "energy": energy, "question_corrected": question_corrected, "intervals": intervals}
+
+
+# ----------------------------------------------------------------------------
+# 4. Records
+
+
+def token_records(c: Components, rollout: Rollout, estimate: IdealEstimate, nv: NodeVectors, cos_rows: dict, noise, logprobs: dict) -> list[dict]:
+    """One record per scored node (tokens.jsonl)."""
+    gen = rollout.generated_ids
+    decode = c.student.tokenizer.decode
+    # Each teacher's three most likely tokens at the scored nodes (for reports).
+    teacher_top = {}
+    for tname, lp in logprobs.items():
+        top_p, top_k = lp[nv.nodes].exp().topk(3, dim=-1)
+        teacher_top[tname] = (top_k.tolist(), top_p.tolist())
+    records = []
+    for row, node in enumerate(estimate.nodes):
+        t = node.node
+        record = {
+            "question": rollout.problem.id,
+            "rollout": rollout.index,
+            "node": t,
+            "correct": rollout.correct,
+            "token_id": gen[t],
+            "token": decode([gen[t]]),
+            "pi_token": float(nv.probs[row, nv.sampled[row]]),
+            "pi_max": float(nv.probs[row].max()),
+            "value": node.value,
+            "covered_mass": node.covered_mass,
+            "candidates": node.candidates.tolist(),
+            "candidate_tokens": token_strings(c.student, node.candidates.tolist()),
+            "candidate_pi": node.probs.tolist(),
+            "q_hat": node.q_hat.tolist(),
+            "counts": node.counts.tolist(),
+            "cos": {name: float(values[row]) for name, values in cos_rows.items()},
+        }
+        if noise is not None:
+            record["a_sq"] = float(noise["a_sq"][row])
+            record["energy"] = float(noise["energy"][row])
+            record["cos_ci"] = {name: bounds[row] for name, bounds in noise["intervals"].items()}
+        record["teacher_top"] = {
+            tname: [[decode([k]), p] for k, p in zip(ids[row], probs[row])] for tname, (ids, probs) in teacher_top.items()
+        }
+        records.append(record)
+    return records
+
+
+def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], problems: list[Problem], config):
+    """(token records, rollout record) for one student rollout."""
+    seed = derive_seed(config.run.seed, "diagnose", rollout.problem.id, rollout.index)
+    gen = rollout.generated_ids
+    z = c.student.node_logits(rollout.prompt_ids, gen).float()  # [T, V]
+
+    inputs = context_inputs(c, rollout, siblings, problems, seed)
+    logprobs, skipped = teacher_logprobs(c, inputs, gen, z.shape[-1])
+    estimate = estimate_ideal(c, rollout, z, logprobs, config.student.max_new_tokens, seed)
+    rollout_record = {
+        "question": rollout.problem.id,
+        "rollout": rollout.index,
+        "correct": rollout.correct,
+        "tokens": len(gen),
+        "skipped_teachers": skipped,
+        "budget": estimate.budget,
+        "question_cos": {},
+    }
+    if not estimate.nodes:
+        return [], rollout_record
+
+    nv = node_vectors(c, rollout, estimate, z, logprobs)
+    space = config.run.space
+    scores = alignment_scores(space, c.student, rollout.prompt_ids, gen, nv.nodes, nv.vectors, nv.pairs)
+    cos_rows = {row: per_node for row, (per_node, _) in scores.items()}
+    rollout_record["question_cos"] = {row: per_question for row, (_, per_question) in scores.items()}
+    noise = noise_terms(estimate.nodes, nv.probs, nv.vectors, nv.pairs, c.student.temperature, seed) if space == "logits" else None
+    if noise is not None:
+        rollout_record["question_cos_corrected"] = noise["question_corrected"]
+    return token_records(c, rollout, estimate, nv, cos_rows, noise, logprobs), rollout_record
