@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from gadiag_core.commands.common import ArgumentParser
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.errors import UsageError, did_you_mean
 from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
@@ -145,6 +146,32 @@ def nodes_table(run: Run, question: str, rollout: int, row: str) -> Table:
     return table
 
 
+def unscored_reason(run: Run, rollout: dict, record: dict) -> str:
+    """Why the estimator scored no node of a diagnosed rollout, from its record."""
+    budget = record.get("budget") or {}
+    n_tokens = record.get("tokens", len(rollout.get("generated_ids", [])))
+    limit = run.config.get("student", {}).get("max_new_tokens")
+    if not n_tokens:
+        return "the rollout is empty"
+    eligible = budget.get("nodes_eligible")
+    epsilon = run.config.get("estimator", {}).get("screen_epsilon")
+    if eligible == 0:
+        return (
+            f"the student was nearly certain at all {n_tokens} tokens (1 − π_max < screen_epsilon"
+            + (f" = {epsilon}" if epsilon is not None else "")
+            + "), so every ideal vector is provably tiny (‖a*‖₁ ≤ 2(1 − π_max)/τ)"
+        )
+    spent = budget.get("continuations")
+    outcome = "correct" if rollout.get("correct") else "incorrect"
+    cut = f", cut at the max_new_tokens = {limit} limit" if rollout.get("cut") and limit else ""
+    return (
+        f"the rollout is {outcome}{cut}; of {eligible if eligible is not None else n_tokens} uncertain nodes none was targeted"
+        + (f" after {spent:.0f} continuations" if isinstance(spent, (int, float)) else "")
+        + ": the value estimates did not change along the rollout (when every continuation ends the same way, "
+        "Q̂ = V̂ and the ideal gradient is zero)"
+    )
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     run = load_run(args.run_dir)
@@ -189,6 +216,6 @@ def main(argv: list[str]) -> int:
         elif not record:
             console.print("[dim]this rollout has not been diagnosed yet (unfinished run)[/dim]")
         else:
-            console.print("[dim]no token of this rollout was scored[/dim]")
+            console.print(f"[dim]no token of this rollout was scored: {unscored_reason(run, rollout, record)}[/dim]", highlight=False)
         console.print()
     return 0

@@ -23,7 +23,7 @@ from gadiag_core.reports.html_report import write_html_report
 from gadiag_core.scoring.alignment import aggregate
 from gadiag_core.scoring.spaces import space_description
 from gadiag_core.seeding import derive_seed
-from gadiag_core.store.records import write_parquet
+from gadiag_core.store.records import skipped_counts, write_parquet
 from gadiag_core.store.rundir import RunDir
 from gadiag_core.store.rundir import unit_name as store_unit_name
 from gadiag_core.engine.components import Components, Rollout, build_components, run_context
@@ -114,7 +114,7 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
             n_rollouts = len(problems) * config.run.rollouts_per_question
             bar = progress.add_task("sampling student rollouts", total=n_rollouts)
             rollouts = sample_rollouts(c, problems, config, on_done=lambda: progress.advance(bar))
-            run_dir.write_jsonl("rollouts.jsonl", [rollout_row(c, r) for r in rollouts])
+            run_dir.write_jsonl("rollouts.jsonl", [rollout_row(c, r, config.student.max_new_tokens) for r in rollouts])
         by_question: dict[str, list[Rollout]] = {}
         for r in rollouts:
             by_question.setdefault(r.problem.id, []).append(r)
@@ -161,7 +161,7 @@ def check_problem_ids(problems: list[Problem], task: str) -> None:
         raise UsageError(f"task {task!r} gave repeated question ids: {shown}; every question needs its own id")
 
 
-def rollout_row(c: Components, r: Rollout) -> dict:
+def rollout_row(c: Components, r: Rollout, limit: int) -> dict:
     return {
         "question": r.problem.id,
         "rollout": r.index,
@@ -171,7 +171,14 @@ def rollout_row(c: Components, r: Rollout) -> dict:
         "tokens": token_strings(c.student, r.generated_ids),
         "question_text": r.problem.question,
         "answer": r.problem.answer,
+        "cut": was_cut(c, r, limit),  # stopped by the max_new_tokens limit, not by an end-of-sequence token
     }
+
+
+def was_cut(c: Components, r: Rollout, limit: int) -> bool:
+    """True when the rollout was stopped by the token limit (not by EOS or a stop string)."""
+    ids = r.generated_ids
+    return len(ids) >= limit and ids[-1] not in set(c.student.eos_token_ids)
 
 
 def load_rollouts(c: Components, problems: list[Problem], run_dir: RunDir, per_question: int) -> list[Rollout] | None:
@@ -228,6 +235,9 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "rollouts": len(rollouts),
         "accuracy": sum(r.correct for r in rollouts) / len(rollouts) if rollouts else float("nan"),
         "rollouts_correct": sum(r.correct for r in rollouts),
+        "rollouts_cut": sum(was_cut(c, r, config.student.max_new_tokens) for r in rollouts),
+        "max_new_tokens": config.student.max_new_tokens,
+        "teachers_skipped": skipped_counts(rollout_records),
         "budget": budget,
         "rows": aggregate(token_records, rollout_records),
     }
