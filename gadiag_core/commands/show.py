@@ -172,6 +172,19 @@ def unscored_reason(run: Run, rollout: dict, record: dict) -> str:
     )
 
 
+def undefined_reason(records) -> str:
+    """Why no cosine is defined at scored nodes: a zero ideal vector (flat Q̂) or a zero teacher vector."""
+    flat = all(
+        len({round(q, 12) for q in (r.get("q_hat") or []) if finite(q)}) <= 1 for r in records
+    )
+    if flat:
+        return (
+            "every candidate token led to the same outcome (Q̂ equal for all candidates), so the ideal gradient "
+            "is zero there; questions the student solves sometimes give non-zero ones"
+        )
+    return "the distillation vector is zero there (the teacher agrees with the student exactly)"
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     run = load_run(args.run_dir)
@@ -213,6 +226,8 @@ def main(argv: list[str]) -> int:
         console.print()
         if nodes:
             console.print(nodes_table(run, question, r, row))
+            if not any(finite((n.get("cos") or {}).get(row)) for n in nodes.values()):
+                console.print(f"[dim]no cosine is defined at the {len(nodes)} scored tokens: {undefined_reason(nodes.values())}[/dim]", highlight=False)
         elif not record:
             console.print("[dim]this rollout has not been diagnosed yet (unfinished run)[/dim]")
         else:

@@ -120,7 +120,7 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
             by_question.setdefault(r.problem.id, []).append(r)
 
         expected = {unit_name(r): (r.problem.id, r.index) for r in rollouts}
-        done = run_dir.finished_units(expected, warn=lambda line: console.print(f"[yellow]{line}[/yellow]"))
+        done = run_dir.finished_units(expected, warn=lambda line: console.print(line, style="yellow", soft_wrap=True, markup=False, highlight=False))
         todo = [r for r in rollouts if unit_name(r) not in done]
         bar = progress.add_task("diagnosing rollouts", total=len(rollouts), completed=len(rollouts) - len(todo))
         for r in todo:
