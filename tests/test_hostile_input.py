@@ -563,3 +563,39 @@ def test_D3_ids_with_slashes_stay_inside_the_run(tiny_model_dir, tmp_path, capsy
     questions = [json.loads(line)["question"] for line in (run_dir / "questions.jsonl").read_text().splitlines()]
     assert sorted(questions) == ["../../../escaped", "test/algebra/1.json"]
     assert not list(tmp_path.rglob("escaped*"))
+
+
+def test_readme_jsonl_example_runs(tiny_model_dir, tmp_path, capsys):
+    """F: the README's MAWPS-style example, read from the README itself, runs to
+    a leaderboard (on the tiny model: the real student's numbers are in the README)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Your own data: the `jsonl` task") :]
+    rows = re.search(r"```json\n(.*?)```", section, re.S).group(1)
+    config = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "mawps.jsonl").write_text(rows)
+    (tmp_path / "harness.toml").write_text(config)
+    n_rows = len(rows.strip().splitlines())
+    code, out, err = cli(capsys, "--config", "harness.toml", "--model", tiny_model_dir, "--run-dir", "run",
+                         "--questions", n_rows, "--rollouts", 1, "--max-new-tokens", 3, "--threads", 1)
+    assert code == 0, err
+    assert "teacher solution skipped on 3 of 3 rollouts" in " ".join(out.split())
+    assert "rl_outcome" in out or "nothing was scored" in out
+    stored = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert {r["answer"] for r in stored} == {"8.0", "6.0", "9.0"}
+    assert all(r["question_text"].endswith("?") for r in stored)
+
+
+def test_S4_screened_out_rollout_says_why(toy_model_dir, tmp_path, capsys):
+    """S4: a rollout whose every node is screened out: the leaderboard and
+    `show` name the screening, not a generic 'not scored'."""
+    config = tmp_path / "harness.toml"
+    config.write_text(TOY.replace("[student]", "[estimator]\nscreen_epsilon = 0.999\n\n[student]").replace("questions = 2", "questions = 1"))
+    run_dir = tmp_path / "run"
+    code, out, err = cli(capsys, "--config", config, "--model", toy_model_dir, "--run-dir", run_dir)
+    assert code == 0, err
+    assert "the student was nearly certain at every token" in " ".join(out.split())
+    code, out, _ = cli(capsys, "show", run_dir, "--question", "0")
+    assert code == 0
+    assert "no token of this rollout was scored: the student was nearly certain at all" in " ".join(out.split())

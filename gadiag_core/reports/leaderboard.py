@@ -105,18 +105,18 @@ def nothing_scored_reason(summary: dict) -> str:
     if n == 0:
         return "nothing was scored: the run has no rollouts yet"
     cut_text = f", {cut} of them cut at {limit_text}" if cut else ""
+    all_of = "the 1 rollout is" if n == 1 else f"all {n} rollouts are"
+    eligible = (summary.get("budget") or {}).get("nodes_eligible")
+    if eligible == 0:
+        return (
+            f"nothing was scored: {correct} of {_count(n, 'rollout')} correct, and the student was nearly certain at every "
+            "token (1 − π_max below estimator.screen_epsilon), so every ideal vector is provably tiny; lower screen_epsilon"
+        )
     if correct == n:
-        what = f"all {_count(n, 'rollout')} are correct"
+        what = f"{all_of} correct"
     elif correct == 0:
-        what = f"all {_count(n, 'rollout')} are incorrect{cut_text}"
+        what = f"{all_of} incorrect{cut_text}"
     else:
-        budget = summary.get("budget") or {}
-        eligible = budget.get("nodes_eligible")
-        if eligible == 0:
-            return (
-                f"nothing was scored: {correct} of {n} rollouts are correct, but the student was nearly certain at every "
-                "token (1 − π_max below estimator.screen_epsilon), so every ideal vector is provably tiny; lower screen_epsilon"
-            )
         return (
             f"nothing was scored: {correct} of {n} rollouts are correct{cut_text}, but the estimator found no node where "
             "a different token changes the outcome within its budget; raise estimator.continuations or the budget"

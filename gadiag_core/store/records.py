@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS, aggregate
-from gadiag_core.errors import UsageError
+from gadiag_core.errors import UsageError, cannot_write
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -307,8 +307,12 @@ def write_parquet(run_dir: str | Path) -> list[Path]:
     for name, records in (("tokens", run.tokens), ("questions", run.questions), ("rollouts", run.rollouts)):
         target = run.path / f"{name}.parquet"
         temp = target.with_name(target.name + ".tmp")
-        pq.write_table(records_table(records), temp)
-        temp.replace(target)
+        try:
+            pq.write_table(records_table(records), temp)
+            temp.replace(target)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise cannot_write(target, exc) from None
         written.append(target)
     return written
 

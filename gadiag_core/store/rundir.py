@@ -83,6 +83,7 @@ class RunDir:
         if (path / MARKER).is_file():
             run_dir = cls(path)
             run_dir.check_resumable(config)
+            _check_writable(path)
             return run_dir
         if path.is_dir() and any(path.iterdir()):
             raise UsageError(
