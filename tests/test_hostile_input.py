@@ -580,10 +580,10 @@ def test_readme_jsonl_example_runs(tiny_model_dir, tmp_path, capsys):
     code, out, err = cli(capsys, "--config", "harness.toml", "--model", tiny_model_dir, "--run-dir", "run",
                          "--questions", n_rows, "--rollouts", 1, "--max-new-tokens", 3, "--threads", 1)
     assert code == 0, err
-    assert "teacher solution skipped on 3 of 3 rollouts" in " ".join(out.split())
+    assert f"teacher solution skipped on {n_rows} of {n_rows} rollouts" in " ".join(out.split())
     assert "rl_outcome" in out or "nothing was scored" in out
     stored = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
-    assert {r["answer"] for r in stored} == {"8.0", "6.0", "9.0"}
+    assert len(stored) == n_rows and all(r["answer"].endswith(".0") for r in stored)
     assert all(r["question_text"].endswith("?") for r in stored)
 
 
