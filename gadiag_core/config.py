@@ -184,7 +184,7 @@ def validate(raw: dict, registry) -> RunConfig:
         if key not in backend_fields:
             known = STUDENT_KEYS + backend_fields
             raise UsageError(f"unknown key student.{key} in config.{did_you_mean(str(key), known)} Keys of [student]: {', '.join(known)}")
-    student_options = registry.options("student", keys.backend, backend_raw)
+    student_options = build_options(registry.get("student", keys.backend).options, backend_raw, "[student]")
 
     task = Choice(run.task, registry.options("task", run.task, _table(raw, "task")))
     sampler_name, sampler_raw = _split_name(_table(raw, "sampler"), "sampler", "prefix")
@@ -197,6 +197,7 @@ def validate(raw: dict, registry) -> RunConfig:
         registry.get("objective", name)
         if not isinstance(table, dict):
             raise UsageError(f"[objectives.{name}] must be a table of options, got {table!r}")
+        registry.options("objective", name, table)  # checked even when not scored this run
     objective_names = registry.resolve("objective", run.objectives)
     objectives = {name: Choice(name, registry.options("objective", name, objective_tables.get(name, {}))) for name in objective_names}
 

@@ -152,7 +152,7 @@ def _coerce(value, tp):
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
-            raise _Bad(type_name(tp))
+            raise _Bad("a " + type_name(tp))
         return [_coerce(v, item) for v in value]
     if tp is bool:
         if isinstance(value, bool):

@@ -95,7 +95,7 @@ def test_list_prints_tables(capsys):
         (["--task", "maht"], "unknown task 'maht'. Did you mean 'math'?"),
         (["--teachers", "solution,anwser"], "unknown teacher 'anwser'. Did you mean 'answer'?"),
         (["--model", "/nonexistent/model"], "/nonexistent/model"),
-        (["--questions", "0"], "run.questions = 0 is out of range"),
+        (["--questions", "0"], "run.questions = 0 must be ≥ 1"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     ],
 )
@@ -118,7 +118,7 @@ def test_malformed_config_names_the_key(tmp_path, capsys):
 
     bad.write_text("[run]\nquestions = 'three'\n")
     code, _, err = run_cli(capsys, "--config", str(bad))
-    assert code == 2 and "run.questions must be an integer" in err
+    assert code == 2 and "run.questions = 'three' must be an integer" in err
 
     bad.write_text("[run\nquestions = 3\n")
     code, _, err = run_cli(capsys, "--config", str(bad))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from gadiag_core.reports.format import num  # noqa: E402
-
 import math
 
 from rich.console import Console
 from rich.table import Table
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
+from gadiag_core.reports.format import num
 
 
 def _interval(pair) -> str:
