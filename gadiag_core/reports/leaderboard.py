@@ -79,9 +79,11 @@ def leaderboard_table(summary: dict) -> Table:
             **style,
         )
 
+    options = summary.get("objective_options", {})
     for name in teacher_rows:
         teacher, _, objective = name.partition("/")
-        add(name, teacher, objective)
+        settings = ", ".join(f"{k}={v}" for k, v in options.get(objective, {}).items())
+        add(name, teacher, f"{objective} ({settings})" if settings else objective)
     table.add_section()
     for name in REFERENCE_ROWS:
         if name in rows:
