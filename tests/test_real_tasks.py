@@ -12,7 +12,6 @@ import pytest
 
 from gadiag_core.errors import UsageError
 from gadiag_core.registry import load_registry
-from gadiag_tasks import real_math
 from gadiag_tasks.real_math import GSM8K, JsonlTask, Math500, gsm8k_answer, gsm8k_solution
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -20,7 +20,6 @@ from rich.table import Table
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.commands.common import ArgumentParser
-from gadiag_core.errors import UsageError
 from gadiag_core.store.records import Run, load_run
 from gadiag_core.reports.format import num
 

@@ -312,7 +312,8 @@ class TargetedEstimator(_ScreenedEstimator):
         ]
 
     def _allocate(self, pool: ContinuationPool, budget: Budget, targets: list[tuple[int, list[int]]], probs) -> int:
-        """Forced continuations for the targeted candidates; returns rounds run."""
+        """Forced continuations for the targeted candidates; returns rounds run.
+        Long on purpose: the two phases share the pool, the budget and the gains."""
         tau = pool.tau
         cols = {t: _column_norms(probs[t, torch.tensor(c)], tau) for t, c in targets}
         nonexact = [(t, i, k) for t, cands in targets for i, k in enumerate(cands) if not pool.is_terminal(t, k)]
@@ -379,6 +380,7 @@ class TargetedEstimator(_ScreenedEstimator):
     # -- the estimate --------------------------------------------------------
 
     def estimate(self, job: EstimationJob) -> IdealEstimate:
+        """Long on purpose: the steps of the module docstring, in order, sharing one pool and one budget."""
         tau = job.student.temperature
         probs = policy(job.student_logits.float(), tau)
         bound = screen_bound(probs, tau)

@@ -312,6 +312,10 @@ class PrefixSampler(RolloutSampler):
     # -- decoding ------------------------------------------------------------
 
     def _decode(self, lm, arch: _Arch, chunk: list[tuple], requests, encoded: dict, temperature: float) -> list[list[int]]:
+        """Decode one chunk of rows to the end: draw, record, drop finished rows
+        (compacting the caches in place), step. One function on purpose: the
+        loop's state (rows, caches, positions, uniforms, layout) changes
+        together at every step, and splitting it would pass all of it around."""
         device = arch.device
         B = len(chunk)
         eos = torch.tensor(sorted(set(lm.eos_token_ids)) or [-1], device=device)
