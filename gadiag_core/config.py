@@ -25,7 +25,6 @@ to diagnose). Samplers still accept 0 internally, for greedy checks in tests.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -77,7 +76,6 @@ class StudentKeys:
     max_new_tokens: int = option(64, "generation limit of rollouts and of continuations from a node", min=1, max=65_536)
 
 
-RUN_KEYS = [f.name for f in fields(RunOptions)]
 STUDENT_KEYS = [f.name for f in fields(StudentKeys)]
 TABLES = ("run", "student", "task", "sampler", "estimator", "objectives", "teachers")
 
@@ -316,7 +314,3 @@ def to_toml(config: dict) -> str:
     import tomli_w
 
     return tomli_w.dumps(config)
-
-
-def _finite(value) -> bool:
-    return not (isinstance(value, float) and not math.isfinite(value))
