@@ -25,7 +25,6 @@ to diagnose). Samplers still accept 0 internally, for greedy checks in tests.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -77,7 +76,6 @@ class StudentKeys:
     max_new_tokens: int = option(64, "generation limit of rollouts and of continuations from a node", min=1, max=65_536)
 
 
-RUN_KEYS = [f.name for f in fields(RunOptions)]
 STUDENT_KEYS = [f.name for f in fields(StudentKeys)]
 TABLES = ("run", "student", "task", "sampler", "estimator", "objectives", "teachers")
 
@@ -184,7 +182,7 @@ def validate(raw: dict, registry) -> RunConfig:
         if key not in backend_fields:
             known = STUDENT_KEYS + backend_fields
             raise UsageError(f"unknown key student.{key} in config.{did_you_mean(str(key), known)} Keys of [student]: {', '.join(known)}")
-    student_options = registry.options("student", keys.backend, backend_raw)
+    student_options = build_options(registry.get("student", keys.backend).options, backend_raw, "[student]")
 
     task = Choice(run.task, registry.options("task", run.task, _table(raw, "task")))
     sampler_name, sampler_raw = _split_name(_table(raw, "sampler"), "sampler", "prefix")
@@ -197,6 +195,7 @@ def validate(raw: dict, registry) -> RunConfig:
         registry.get("objective", name)
         if not isinstance(table, dict):
             raise UsageError(f"[objectives.{name}] must be a table of options, got {table!r}")
+        registry.options("objective", name, table)  # checked even when not scored this run
     objective_names = registry.resolve("objective", run.objectives)
     objectives = {name: Choice(name, registry.options("objective", name, objective_tables.get(name, {}))) for name in objective_names}
 
@@ -328,7 +327,3 @@ def to_toml(config: dict) -> str:
     import tomli_w
 
     return tomli_w.dumps(config)
-
-
-def _finite(value) -> bool:
-    return not (isinstance(value, float) and not math.isfinite(value))

@@ -25,12 +25,9 @@ import torch
 from gadiag_core.scoring import noise
 from gadiag_core.errors import UsageError
 from gadiag_core.scoring.vectors import ideal_vector_on_candidates
-from gadiag_plugins.estimation.targeted import (
-    ContinuationPool,
-    TargetedEstimator,
-    TargetedNodeEstimate,
-    UniformEstimator,
-)
+from gadiag_plugins.estimation.common import ContinuationPool, TargetedNodeEstimate
+from gadiag_plugins.estimation.targeted import TargetedEstimator
+from gadiag_plugins.estimation.uniform import UniformEstimator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from estimator_cost import ChainEnvironment  # noqa: E402

@@ -231,6 +231,8 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "sampler": config.sampler.name,
         "teachers": list(c.teachers),
         "objectives": list(c.objectives),
+        # Non-default settings matter to read a row: e.g. {"jsd": {"beta": 0.9}}.
+        "objective_options": {name: choice.option_dict() for name, choice in config.objectives.items() if choice.option_dict()},
         "questions": len({r.problem.id for r in rollouts}),
         "rollouts": len(rollouts),
         "accuracy": sum(r.correct for r in rollouts) / len(rollouts) if rollouts else float("nan"),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from gadiag_core.reports.format import num  # noqa: E402
-
 import math
 
 from rich.console import Console
 from rich.table import Table
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
+from gadiag_core.reports.format import num
 
 
 def _interval(pair) -> str:
@@ -80,9 +79,11 @@ def leaderboard_table(summary: dict) -> Table:
             **style,
         )
 
+    options = summary.get("objective_options", {})
     for name in teacher_rows:
         teacher, _, objective = name.partition("/")
-        add(name, teacher, objective)
+        settings = ", ".join(f"{k}={v}" for k, v in options.get(objective, {}).items())
+        add(name, teacher, f"{objective} ({settings})" if settings else objective)
     table.add_section()
     for name in REFERENCE_ROWS:
         if name in rows:
