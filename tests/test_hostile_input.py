@@ -599,3 +599,15 @@ def test_S4_screened_out_rollout_says_why(toy_model_dir, tmp_path, capsys):
     code, out, _ = cli(capsys, "show", run_dir, "--question", "0")
     assert code == 0
     assert "no token of this rollout was scored: the student was nearly certain at all" in " ".join(out.split())
+
+
+def test_run_made_before_the_marker_still_resumes(toy_reference, toy_model_dir, tmp_path, capsys):
+    """A run directory from before `.gadiag-run` existed (config.toml and records)
+    is still a run: it resumes to the same files and is marked."""
+    run_dir = copy_run(toy_reference[1], tmp_path / "run")
+    (run_dir / ".gadiag-run").unlink()
+    next(iter((run_dir / "units").glob("*.json"))).unlink()
+    code, _, err = cli(capsys, *toy_argv(toy_reference, toy_model_dir, run_dir))
+    assert code == 0, err
+    assert (run_dir / ".gadiag-run").is_file()
+    assert run_files(run_dir) == run_files(toy_reference[1])

@@ -18,7 +18,8 @@ the same run directory resumes: finished units are skipped.
 Nothing is created before the run has checked all it can (`RunDir.prepare`
 checks, `RunDir.start` creates): a run that fails on bad input leaves no
 folder behind. A folder that holds files but no marker is not a run and is
-never written into. A write that fails (disk full, read-only) raises an
+never written into (a run written before the marker existed is recognised
+by its config.toml and records, and marked on resume). A write that fails (disk full, read-only) raises an
 EnvironmentFailure naming the file.
 """
 
@@ -80,7 +81,7 @@ class RunDir:
         path = Path(run["run_dir"])
         if path.exists() and not path.is_dir():
             raise UsageError(f"--run-dir {path} is a file, not a folder: pick a new --run-dir")
-        if (path / MARKER).is_file():
+        if (path / MARKER).is_file() or _legacy_run(path):
             run_dir = cls(path)
             run_dir.check_resumable(config)
             _check_writable(path)
@@ -107,6 +108,8 @@ class RunDir:
     def start(self, config: dict) -> "RunDir":
         """Create the directory (marker first, then config.toml); a no-op on a resumed run."""
         if self.exists:
+            if not (self.path / MARKER).is_file():
+                self.write_text(MARKER, MARKER_TEXT)  # a run made before the marker existed
             if not (self.path / "config.toml").is_file():
                 self.write_text("config.toml", to_toml(config))
             return self
@@ -252,6 +255,20 @@ class RunDir:
 
     def read(self, name: str) -> list[dict]:
         return self.read_jsonl(name, "record", f"delete {self.path / name} to rebuild it") or []
+
+
+def _legacy_run(path: Path) -> bool:
+    """A run directory written before runs were marked: a config.toml with the
+    [run] and [student] tables the harness writes, and records beside it."""
+    from gadiag_core.config import load_toml
+
+    if not (path / "config.toml").is_file() or not ((path / "rollouts.jsonl").is_file() or (path / "units").is_dir()):
+        return False
+    try:
+        stored = load_toml(path / "config.toml")
+    except UsageError:
+        return False
+    return isinstance(stored.get("run"), dict) and isinstance(stored.get("student"), dict)
 
 
 def _check_writable(path: Path) -> None:
