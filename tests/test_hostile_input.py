@@ -611,3 +611,10 @@ def test_run_made_before_the_marker_still_resumes(toy_reference, toy_model_dir, 
     assert code == 0, err
     assert (run_dir / ".gadiag-run").is_file()
     assert run_files(run_dir) == run_files(toy_reference[1])
+
+
+def test_show_counts_why_plain_tokens_were_not_scored(toy_reference, capsys):
+    code, out, err = cli(capsys, "show", toy_reference[1], "--question", "0")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "tokens scored;" in text and "screened out (the student was nearly certain" in text

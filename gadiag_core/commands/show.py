@@ -172,6 +172,20 @@ def unscored_reason(run: Run, rollout: dict, record: dict) -> str:
     )
 
 
+def unscored_counts(run: Run, record: dict, scored: int) -> str:
+    """Why the plain tokens of a scored rollout were not scored, with counts."""
+    budget = record.get("budget") or {}
+    total, eligible = record.get("tokens"), budget.get("nodes_eligible")
+    if not isinstance(total, int) or not isinstance(eligible, int):
+        return "plain tokens were not scored (screened out or not targeted)"
+    cap = run.config.get("estimator", {}).get("max_nodes")
+    return (
+        f"{scored} of {total} tokens scored; {total - eligible} screened out (the student was nearly certain: "
+        f"1 − π_max < screen_epsilon), {max(0, eligible - scored)} uncertain but not targeted (the value did not "
+        f"change around them{f', or the max_nodes = {cap} cap' if cap else ''})"
+    )
+
+
 def undefined_reason(records) -> str:
     """Why no cosine is defined at scored nodes: a zero ideal vector (flat Q̂) or a zero teacher vector."""
     flat = all(
@@ -223,6 +237,8 @@ def main(argv: list[str]) -> int:
         console.print(rollout_text(run, question, rollout, row))
         if "tokens" not in rollout:
             console.print("[dim](this run did not record per-token strings; the scored tokens are listed below)[/dim]")
+        if nodes and record:
+            console.print(f"[dim]{unscored_counts(run, record, len(nodes))}[/dim]", highlight=False)
         console.print()
         if nodes:
             console.print(nodes_table(run, question, r, row))
