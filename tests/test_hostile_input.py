@@ -584,6 +584,9 @@ def test_readme_jsonl_example_runs(tiny_model_dir, tmp_path, capsys):
     assert "rl_outcome" in out or "nothing was scored" in out
     stored = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
     assert len(stored) == n_rows and all(r["answer"].endswith(".0") for r in stored)
+    import tomllib  # D1: the prompt's newline survives config.toml
+
+    assert tomllib.loads((tmp_path / "run" / "config.toml").read_text())["task"]["prompt"] == "{question}\nAnswer with just the number."
     assert all(r["question_text"].endswith("?") for r in stored)
 
 
