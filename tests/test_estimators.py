@@ -66,7 +66,7 @@ def test_reuse_does_not_bias_q(toy):
         rare = [int(r.exact_probs[t].argmin()) for t in range(T)]
         plans = [pool.plan_free(t) for t in range(T) for _ in range(240)]
         plans += [pool.plan_forced(t, rare[t], m % 2) for t in range(T) for m in range(160)]
-        pool.run(plans)
+        pool.run_now(plans)
         for t in range(T):
             for k in range(r.exact_q.shape[-1]):
                 cids = pool.q_samples(t, k)

@@ -68,7 +68,13 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def run_files(run_dir: Path) -> dict[str, bytes]:
-    return {name: (run_dir / name).read_bytes() for name in ("rollouts.jsonl", "tokens.jsonl", "questions.jsonl", "summary.json")}
+    """The output files' bytes; summary.json without its "throughput" block
+    (timings of the session that wrote it, which no two runs share)."""
+    out = {name: (run_dir / name).read_bytes() for name in ("rollouts.jsonl", "tokens.jsonl", "questions.jsonl", "summary.json")}
+    summary = json.loads(out["summary.json"])
+    summary.pop("throughput", None)
+    out["summary.json"] = json.dumps(summary, sort_keys=True).encode()
+    return out
 
 
 # ----------------------------------------------------------------------------

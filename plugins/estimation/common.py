@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from gadiag_core.errors import UsageError
-from gadiag_core.interfaces import ContinuationRequest, EstimationJob, GradientEstimator, NodeEstimate
+from gadiag_core.interfaces import ContinuationRequest, EstimationJob, GradientEstimator, IdealEstimate, NodeEstimate
 from gadiag_core.options import as_dict, build_options
 from gadiag_core.scoring.vectors import ideal_vector_on_candidates
 from gadiag_core.seeding import derive_seed
@@ -281,7 +281,10 @@ class ContinuationPool:
             if self.next_index[key] == plan.index + 1:
                 self.next_index[key] -= 1
 
-    def run(self, plans: list[_Plan]) -> None:
+    def run(self, plans: list[_Plan]):
+        """Generator: yields the continuation requests of `plans` (a list of
+        ContinuationRequest), receives their outputs, and indexes them.
+        Estimators call it with `yield from`; see `drive`."""
         if not plans:
             return
         job = self.job
@@ -296,7 +299,7 @@ class ContinuationPool:
                     seed=derive_seed(job.seed, *key, plan.index),
                 )
             )
-        outputs = job.sampler.sample(job.student, requests, self.tau)
+        outputs = yield requests
         for plan, out in zip(plans, outputs):
             out = [int(i) for i in out]
             reward = self.verify_ids(self.y[: plan.start] + out)
@@ -305,6 +308,10 @@ class ContinuationPool:
             self.started_at[plan.start].append(cid)
             self.tokens += len(out)
             self._index(cid)
+
+    def run_now(self, plans: list[_Plan]) -> None:
+        """`run` with the job's own sampler, at once (tests, benchmarks)."""
+        drive(self.run(plans), self.job)
 
     def _index(self, cid: int) -> None:
         c = self.conts[cid]
@@ -372,6 +379,18 @@ def _per_rollout_cap(per_rollout, per_run, rollouts_total, what: str):
 # The base of the sampling estimators
 
 
+def drive(steps, job: EstimationJob):
+    """Run an estimator's request generator to the end, one sampler call per
+    request batch (the sequential driver; gadiag_core.engine.scheduler batches
+    the requests of many rollouts instead). Returns the generator's result."""
+    try:
+        requests = next(steps)
+        while True:
+            requests = steps.send(job.sampler.sample(job.student, requests, job.student.temperature))
+    except StopIteration as stop:
+        return stop.value
+
+
 class _ScreenedEstimator(GradientEstimator):
     """Options every sampling estimator here shares: screening, candidates,
     samples per candidate, node cap and hard budgets. They are checked once,
@@ -379,6 +398,10 @@ class _ScreenedEstimator(GradientEstimator):
     also when the class is built directly."""
 
     options_class: type = None
+
+    def estimate(self, job: EstimationJob) -> IdealEstimate:
+        """The ideal vectors, sampling through job.sampler one batch at a time."""
+        return drive(self.steps(job), job)
 
     def _set_options(self, options: dict, rollouts_total) -> object:
         o = build_options(self.options_class, options, f"estimator {self.name!r}")

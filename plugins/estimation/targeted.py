@@ -227,7 +227,7 @@ class TargetedEstimator(_ScreenedEstimator):
         return kept
 
     def _backbone(self, pool: ContinuationPool, budget: Budget, exact_end, eligible: list[int]):
-        """Bisection over the eligible nodes (V only jumps where the student is
+        """Generator: bisection over the eligible nodes (V only jumps where the student is
         uncertain: E|ΔV| = τ‖a*‖₁ ≤ 2(1 − π_max)). V-points sit at eligible
         nodes and at the end; a segment [a, b) that differs is split at its
         middle eligible node until it holds one: that node is pivotal. An
@@ -242,7 +242,7 @@ class TargetedEstimator(_ScreenedEstimator):
         elif eligible[-1] + 1 < T:
             points.add(eligible[-1] + 1)
         cap = max(self.continuations, int(round(self.value_growth * self.continuations)))
-        self._spend(pool, budget, self._top_up_free(pool, {p: self.continuations for p in points}, budget))
+        yield from self._spend(pool, budget, self._top_up_free(pool, {p: self.continuations for p in points}, budget))
         pivotal, unresolved = [], []
         while True:
             ordered = sorted(points)
@@ -275,12 +275,13 @@ class TargetedEstimator(_ScreenedEstimator):
             points |= new
             if not plans and not new:
                 break
-            self._spend(pool, budget, plans)
+            yield from self._spend(pool, budget, plans)
         return values, pivotal, unresolved, len(points)
 
-    def _spend(self, pool: ContinuationPool, budget: Budget, plans: list[_Plan]) -> None:
+    def _spend(self, pool: ContinuationPool, budget: Budget, plans: list[_Plan]):
+        """Generator: run `plans` and charge them to the budget."""
         before = pool.tokens
-        pool.run(plans)
+        yield from pool.run(plans)
         budget.tokens += pool.tokens - before
         budget.continuations += len(plans)
 
@@ -311,8 +312,8 @@ class TargetedEstimator(_ScreenedEstimator):
             for k in cands
         ]
 
-    def _allocate(self, pool: ContinuationPool, budget: Budget, targets: list[tuple[int, list[int]]], probs) -> int:
-        """Forced continuations for the targeted candidates; returns rounds run.
+    def _allocate(self, pool: ContinuationPool, budget: Budget, targets: list[tuple[int, list[int]]], probs):
+        """Generator: forced continuations for the targeted candidates; returns rounds run.
         Long on purpose: the two phases share the pool, the budget and the gains."""
         tau = pool.tau
         cols = {t: _column_norms(probs[t, torch.tensor(c)], tau) for t, c in targets}
@@ -328,7 +329,7 @@ class TargetedEstimator(_ScreenedEstimator):
                 plans.append(pool.plan_forced(t, k, 1))
         kept = budget.trim(plans, lambda p: pool.worst_tokens(p.start))
         pool.unplan([p for p in plans if p not in kept])
-        self._spend(pool, budget, kept)
+        yield from self._spend(pool, budget, kept)
         rounds = 1 if kept else 0
         # 2. Rounds of greedy allocation.
         while rounds < self.max_rounds and nonexact:
@@ -373,14 +374,16 @@ class TargetedEstimator(_ScreenedEstimator):
             pool.unplan([p for p in chosen if p not in kept])
             if not kept:
                 break
-            self._spend(pool, budget, kept)
+            yield from self._spend(pool, budget, kept)
             rounds += 1
         return rounds
 
     # -- the estimate --------------------------------------------------------
 
-    def estimate(self, job: EstimationJob) -> IdealEstimate:
-        """Long on purpose: the steps of the module docstring, in order, sharing one pool and one budget."""
+    def steps(self, job: EstimationJob):
+        """Request generator (see common.drive): yields batches of continuation
+        requests, receives their outputs, returns the IdealEstimate.
+        Long on purpose: the steps of the module docstring, in order, sharing one pool and one budget."""
         tau = job.student.temperature
         probs = policy(job.student_logits.float(), tau)
         bound = screen_bound(probs, tau)
@@ -415,7 +418,7 @@ class TargetedEstimator(_ScreenedEstimator):
             nodes = select_nodes(probs, self.screen_epsilon, self.max_nodes)
             info["direct"] = 1
         else:
-            values, pivotal, unresolved, n_points = self._backbone(pool, budget, exact_end, eligible)
+            values, pivotal, unresolved, n_points = yield from self._backbone(pool, budget, exact_end, eligible)
             info.update(
                 value_points=n_points,
                 pivotal_segments=len(pivotal) + len(unresolved),
@@ -429,7 +432,7 @@ class TargetedEstimator(_ScreenedEstimator):
         for t in nodes:
             extra = [int(pref[t]) for pref in job.teacher_preferred.values()] + [pool.y[t]]
             targets.append((t, candidate_tokens(probs[t], self.mass_threshold, self.max_candidates, extra)))
-        info["allocation_rounds"] = self._allocate(pool, budget, targets, probs) if targets else 0
+        info["allocation_rounds"] = (yield from self._allocate(pool, budget, targets, probs)) if targets else 0
 
         estimates = []
         for t, cands in targets:

@@ -25,7 +25,8 @@ class UniformEstimator(_ScreenedEstimator):
         continuations fit; a node that does not fit is dropped whole."""
         self._set_options(options, rollouts_total)
 
-    def estimate(self, job: EstimationJob) -> IdealEstimate:
+    def steps(self, job: EstimationJob):
+        """Request generator (see common.drive): one batch, every continuation at once."""
         tau = job.student.temperature
         probs = policy(job.student_logits.float(), tau)
         bound = screen_bound(probs, tau)
@@ -47,7 +48,7 @@ class UniformEstimator(_ScreenedEstimator):
             for k in cands:
                 for m in range(self.continuations):
                     plans.append(pool.plan_forced(t, k, m % 2))
-        pool.run(plans)
+        yield from pool.run(plans)
         estimates = []
         for t, cands in plan_nodes:
             stats = [pool.stats(pool.q_samples(t, k)) for k in cands]
