@@ -25,7 +25,6 @@ from rich.text import Text
 
 from gadiag_core.commands.common import ArgumentParser
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
-from gadiag_core.commands.common import ArgumentParser
 from gadiag_core.errors import UsageError, did_you_mean
 from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
 from gadiag_core.reports.format import num
