@@ -627,3 +627,27 @@ def test_show_counts_why_plain_tokens_were_not_scored(toy_reference, capsys):
     assert code == 0, err
     text = " ".join(out.split())
     assert "tokens scored;" in text and "screened out (the student was nearly certain" in text
+
+
+def test_D4_real_full_disk_then_resume_elsewhere(toy_reference, toy_model_dir, tmp_path, capsys):
+    """D4 on a real 200 KiB file system (tmpfs; skipped where mounting is not
+    allowed): exit 1 naming the file that did not fit; the stored run, moved to
+    a disk with room, resumes to the files of an uninterrupted run."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()[:100]}")
+    try:
+        code, _, err = cli(capsys, *toy_argv(toy_reference, toy_model_dir, small / "run"))
+        assert code == 1
+        line = one_line(err)
+        assert f"cannot write {small / 'run'}" in line and "the disk is full" in line
+        moved = shutil.copytree(small / "run", tmp_path / "moved")
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+    code, _, err = cli(capsys, *toy_argv(toy_reference, toy_model_dir, moved))
+    assert code == 0, err
+    assert run_files(moved) == run_files(toy_reference[1])
