@@ -28,9 +28,6 @@ import math
 import random
 from collections import defaultdict
 
-import torch
-
-from gadiag_core.scoring.noise import mean_cosine_global_correction, simex_cosine
 from gadiag_core.seeding import derive_seed
 
 REFERENCE_ROWS = ("rl_outcome", "noise_ceiling")
@@ -51,6 +48,10 @@ def _corrected(parts: list[tuple[float, float, float]]) -> float:
     """Noise-corrected mean of (raw cosine, ‖â‖², Ê‖a*‖²) triples, clipped to [−1, 1]."""
     if not parts:
         return float("nan")
+    import torch  # here, not at the top: `report` and `show` read records without torch
+
+    from gadiag_core.scoring.noise import mean_cosine_global_correction
+
     raw, a_sq, energy = torch.tensor(parts, dtype=torch.float64).T
     return _clip(mean_cosine_global_correction(raw, a_sq, energy))
 
@@ -88,6 +89,10 @@ def corrected_token_cosines(record: dict) -> tuple[dict, dict]:
     rows = [row for row in units if row in record["cos"]]
     if not rows:
         return {}, {}
+    import torch  # lazily, as in _corrected
+
+    from gadiag_core.scoring.noise import simex_cosine
+
     seed = derive_seed("simex", record["question"], record["rollout"], record["node"])
     value, noise_var = simex_cosine(
         torch.tensor(record["candidate_pi"], dtype=torch.float64),
