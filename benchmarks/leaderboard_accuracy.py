@@ -137,9 +137,20 @@ def main(argv=None) -> int:
                 f"  continuations {budget} ({tokens[budget] / max(1, tokens[default]):.1f}× tokens) vs {default}, {method:8s}: "
                 f"{a.n} entries, intervals overlap {a.overlap:.1%}, shift {a.shift:+.3f} ± {a.shift_se:.3f}, mean |shift| {a.mean_abs_shift:.3f}"
             )
-        s = split_stats([e for _, e in errors[budget]], "headline", "all")
-        r = split_stats([e for _, e in errors[budget]], "raw", "all")
-        print(f"    at continuations {budget}: headline mean|Δ| {s.mean_abs:.3f} bias {s.bias:+.3f}; raw mean|Δ| {r.mean_abs:.3f} bias {r.bias:+.3f} (split all)")
+    print("\nheadline (raw) against exact at every budget:")
+    print(f"{'continuations':>13s} {'tokens':>7s} {'split':10s} {'mean|Δ|':>14s} {'signed bias':>24s} {'95% CI covers':>16s}")
+    for budget in budgets:
+        results.setdefault("by_budget", {})[budget] = {}
+        for split in SPLITS:
+            s = split_stats([e for _, e in errors[budget]], "headline", split)
+            r = split_stats([e for _, e in errors[budget]], "raw", split)
+            if s.n == 0:
+                continue
+            results["by_budget"][budget][split] = {"headline": s.__dict__, "raw": r.__dict__}
+            print(
+                f"{budget:13d} {tokens[budget] / max(1, tokens[default]):6.2f}× {split:10s} {s.mean_abs:6.3f} ({r.mean_abs:.3f}) "
+                f"{s.bias:+.3f} ± {s.bias_se:.3f} ({r.bias:+.3f}) {s.coverage:7.1%} ({r.coverage:.1%})"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -429,6 +429,7 @@ def simex_cosine(
     degree: int = SIMEX_DEGREE,
     draws: int = 64,
     seed: int = 0,
+    variance: str = "unbiased",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SIMEX (simulation-extrapolation) cosine at one node: a per-node value whose
     mean over many nodes estimates the mean cosine without Monte-Carlo noise.
@@ -450,7 +451,7 @@ def simex_cosine(
     """
     p, q, n = _f64(cand_probs), _f64(q_hat), _f64(counts)
     beta = _f64(b_unit)
-    sd = q_variance(q, n, "unbiased").sqrt()  # [C]
+    sd = q_variance(q, n, variance).sqrt()  # [C]
     gen = torch.Generator().manual_seed(int(seed) % (2**63))
     eps = torch.randn(draws, len(q), generator=gen, dtype=torch.float64) * sd  # [D, C]
     curve = []
