@@ -67,7 +67,15 @@ def teacher_logprobs(c: Components, inputs: ContextInputs, generated_ids: list[i
     """({teacher: [T, V] log p_T}, [teachers skipped: no context for this rollout])."""
     out, skipped = {}, []
     for name, teacher in c.teachers.items():
-        logprobs = teacher.node_logprobs(inputs, generated_ids)
+        try:
+            logprobs = teacher.node_logprobs(inputs, generated_ids)
+        except (UsageError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # the plugin boundary: one line naming the teacher
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise UsageError(
+                f"teacher {name!r} failed on question {inputs.problem.id!r}: {type(exc).__name__}{': ' + reason if reason else ''}"
+            ) from None
         if logprobs is None:
             skipped.append(name)
             continue
