@@ -116,8 +116,12 @@ def aggregate(token_records: list[dict], rollout_records: list[dict]) -> dict[st
     head_q = defaultdict(lambda: {s: defaultdict(list) for s in SPLITS})  # row -> split -> question -> values
     noise_var = defaultdict(lambda: {s: [] for s in SPLITS})
     noise_parts = defaultdict(lambda: {s: [] for s in SPLITS})
+    seen = set()  # every row named in a record, scored or not (its entry then holds NaN)
     for record in token_records:
         split = "correct" if record["correct"] else "incorrect"
+        seen.update(record["cos"])
+        if not any(v is not None and math.isfinite(v) for v in record["cos"].values()):
+            continue
         corrected, variances = corrected_token_cosines(record)
         for row, value in record["cos"].items():
             if value is None or not math.isfinite(value):
@@ -134,6 +138,7 @@ def aggregate(token_records: list[dict], rollout_records: list[dict]) -> dict[st
     for i, record in enumerate(rollout_records):
         question = record.get("question", f"rollout-{i}")
         corrected = record.get("question_cos_corrected", {})
+        seen.update(record.get("question_cos", {}))
         for row, value in record.get("question_cos", {}).items():
             if value is None or not math.isfinite(value):
                 continue
@@ -143,7 +148,7 @@ def aggregate(token_records: list[dict], rollout_records: list[dict]) -> dict[st
                 questions[row][question].append(head)
 
     summary = {}
-    for row in sorted(set(raw) | set(questions_raw)):
+    for row in sorted(seen):
         values = raw[row]["all"]
         n = len(values)
         entry = {}
