@@ -19,7 +19,12 @@ before issue 14), the former global `corrected` column, and the headline now
 (SIMEX token mean; the per-question score with the binomial noise correction).
 Table 2: budget invariance — the headline at 2× and 4× the default
 continuations against the default one (interval overlap, mean shift).
-Numbers reported in README and issue 14 come from this script.
+Table 3: headline (and raw) against exact per split at every budget.
+Numbers reported in README and issue 14 come from this script (5 seeds,
+--budgets 4,6; and 3 seeds, --budgets 4,6,8,16). Cost: each pipeline run takes
+~1–2 min on one thread on a shared machine (load 3–6), so a fresh
+--seeds 5 --budgets 4,6,8,16 is ~25 pipeline runs; a rerun on the same --work
+only recomputes the tables (~4 min).
 """
 
 from __future__ import annotations
