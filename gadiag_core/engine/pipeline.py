@@ -21,10 +21,9 @@ from gadiag_core.interfaces import ContinuationRequest, Problem
 from gadiag_core.errors import UsageError, writing
 from gadiag_core.registry import Registry
 from gadiag_core.reports.html_report import write_html_report
-from gadiag_core.scoring.alignment import aggregate
 from gadiag_core.scoring.spaces import space_description
 from gadiag_core.seeding import derive_seed
-from gadiag_core.store.records import skipped_counts, write_parquet
+from gadiag_core.store.records import record_summary, write_parquet
 from gadiag_core.store.rundir import RunDir
 from gadiag_core.store.rundir import unit_name as store_unit_name
 from gadiag_core.engine.components import Components, Rollout, build_components, run_context
@@ -230,12 +229,9 @@ def load_rollouts(c: Components, problems: list[Problem], run_dir: RunDir, per_q
 
 
 def summarize(config, c: Components, rollouts, token_records, rollout_records) -> dict:
-    budget: dict[str, float] = {}
-    for record in rollout_records:
-        for key, value in record["budget"].items():
-            budget[key] = budget.get(key, 0) + value
-    masses = [r["covered_mass"] for r in token_records]
-    budget["mean_covered_mass"] = sum(masses) / len(masses) if masses else float("nan")
+    """summary.json: what the run was (task, student, space, plugins) and what
+    its records say (gadiag_core.store.records.record_summary)."""
+    rows = [rollout_row(c, r, config.student.max_new_tokens) for r in rollouts]
     return {
         "task": c.task.name,
         "task_version": c.task.version,
@@ -249,13 +245,6 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "objectives": list(c.objectives),
         # Non-default settings matter to read a row: e.g. {"jsd": {"beta": 0.9}}.
         "objective_options": {name: choice.option_dict() for name, choice in config.objectives.items() if choice.option_dict()},
-        "questions": len({r.problem.id for r in rollouts}),
-        "rollouts": len(rollouts),
-        "accuracy": sum(r.correct for r in rollouts) / len(rollouts) if rollouts else float("nan"),
-        "rollouts_correct": sum(r.correct for r in rollouts),
-        "rollouts_cut": sum(was_cut(c, r, config.student.max_new_tokens) for r in rollouts),
         "max_new_tokens": config.student.max_new_tokens,
-        "teachers_skipped": skipped_counts(rollout_records),
-        "budget": budget,
-        "rows": aggregate(token_records, rollout_records),
+        **record_summary(rows, rollout_records, token_records),
     }

@@ -224,9 +224,13 @@ def skipped_counts(questions: list[dict]) -> dict[str, int]:
     return counts
 
 
-def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], tokens: list[dict]) -> dict:
-    """The summary of an unfinished run, from its config and the records so far."""
-    run, student = config.get("run", {}), config.get("student", {})
+def record_summary(rollouts: list[dict], questions: list[dict], tokens: list[dict]) -> dict:
+    """The parts of summary.json that come from the records alone (the run's
+    summary and the one `report` rebuilds for an unfinished run share them):
+    counts, accuracy, budget totals, skipped teachers and the aggregates.
+
+    rollouts: rows of rollouts.jsonl (question, correct, cut); questions: rows of
+    questions.jsonl; tokens: rows of tokens.jsonl."""
     budget: dict[str, float] = {}
     for record in questions:
         for key, value in record.get("budget", {}).items():
@@ -236,21 +240,29 @@ def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], t
     diagnosed = rollouts or questions
     correct = sum(bool(r.get("correct")) for r in diagnosed)
     return {
+        "questions": len({r["question"] for r in diagnosed}),
+        "rollouts": len(diagnosed),
+        "accuracy": correct / len(diagnosed) if diagnosed else None,
+        "rollouts_correct": correct,
+        "rollouts_cut": sum(bool(r.get("cut")) for r in rollouts),
+        "teachers_skipped": skipped_counts(questions),
+        "budget": budget,
+        "rows": aggregate(tokens, questions),
+    }
+
+
+def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], tokens: list[dict]) -> dict:
+    """The summary of an unfinished run, from its config and the records so far."""
+    run, student = config.get("run", {}), config.get("student", {})
+    return {
         "task": run.get("task", "?"),
         "task_version": "?",
         "student": student.get("model", "?"),
         "space": run.get("space", "?"),
         "estimator": config.get("estimator", {}).get("name", "?"),
         "sampler": config.get("sampler", {}).get("name", "?"),
-        "questions": len({r["question"] for r in diagnosed}),
-        "rollouts": len(diagnosed),
-        "rollouts_correct": correct,
-        "rollouts_cut": sum(bool(r.get("cut")) for r in rollouts),
         "max_new_tokens": student.get("max_new_tokens"),
-        "teachers_skipped": skipped_counts(questions),
-        "accuracy": correct / len(diagnosed) if diagnosed else None,
-        "budget": budget,
-        "rows": aggregate(tokens, questions),
+        **record_summary(rollouts, questions, tokens),
         "rollouts_diagnosed": len(questions),
         "partial": True,
     }
