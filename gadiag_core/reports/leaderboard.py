@@ -44,17 +44,22 @@ def leaderboard_table(summary: dict) -> Table:
             f"{num(speed['mean_batch_size'], '{:.1f}')} requests on average; "
             f"{_pct(speed['share_outside_sampler'])} of {num(speed['wall_seconds'], '{:.0f}')} s outside the sampler"
         )
+    caption += (
+        "\nalign, incorrect, correct: token means with the Monte-Carlo noise of â* removed (SIMEX); per-question: "
+        "rollout cosines with the noise energy removed; raw: the uncorrected means; 95% CI: bootstrap over questions"
+    )
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for name, justify in [
         ("teacher", "left"),
         ("objective", "left"),
         ("align", "right"),
         ("95% CI", "right"),
-        ("corrected", "right"),
+        ("raw", "right"),
         ("incorrect", "right"),
         ("correct", "right"),
         ("per-question", "right"),
-        ("corrected", "right"),
+        ("95% CI ", "right"),
+        ("raw ", "right"),
         ("helps", "right"),
         ("hurts", "right"),
         ("nodes", "right"),
@@ -76,11 +81,12 @@ def leaderboard_table(summary: dict) -> Table:
             objective,
             num(row.get("mean_all")),
             _interval(row.get("ci_all")),
-            num(row.get("mean_all_corrected")),
+            num(row.get("mean_all_raw")),
             num(row.get("mean_incorrect")),
             num(row.get("mean_correct")),
             num(row.get("mean_question")),
-            num(row.get("mean_question_corrected")),
+            _interval(row.get("ci_question")),
+            num(row.get("mean_question_raw")),
             _pct(row.get("helps")),
             _pct(row.get("hurts")),
             str(row.get("nodes", 0)),
