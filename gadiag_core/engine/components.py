@@ -47,10 +47,11 @@ def run_context(config: RunConfig, registry: Registry) -> RunContext:
     )
 
 
-def build_components(config: RunConfig, registry: Registry, task: Task | None = None) -> Components:
+def build_components(config: RunConfig, registry: Registry, task: Task | None = None, teachers: bool = True) -> Components:
     """Every component of the run, built through the registry (names and
     options were checked by config.validate; models load here). `task`: one
-    already built (the run loads its problems before the models)."""
+    already built (the run loads its problems before the models). `teachers`
+    False: none loaded (a Ray driver: its actors hold the teachers)."""
     run = run_context(config, registry)
     if task is None:
         task = registry.create("task", config.task.name, run, **config.task.option_dict())
@@ -58,16 +59,16 @@ def build_components(config: RunConfig, registry: Registry, task: Task | None = 
     estimator = registry.create("estimator", config.estimator.name, run, **config.estimator.option_dict())
     objectives = {name: registry.create("objective", name, run, **choice.option_dict()) for name, choice in config.objectives.items()}
     run.student = registry.create("student", config.student.backend, run, **_set(config.student_options))
-    teachers = {}
-    for name in config.run.teachers:
+    loaded = {}
+    for name in config.run.teachers if teachers else ():
         if name in config.teachers:
             choice = config.teachers[name]
             teacher = registry.create("teacher_type", choice.name, run, **_set(choice.options))
             teacher.name = name
         else:
             teacher = registry.create("teacher", name, run)
-        teachers[name] = teacher
-    return Components(task, run.student, teachers, objectives, sampler, estimator)
+        loaded[name] = teacher
+    return Components(task, run.student, loaded, objectives, sampler, estimator)
 
 
 def _set(options) -> dict:
