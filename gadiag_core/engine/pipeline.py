@@ -171,7 +171,7 @@ def _diagnose(config: RunConfig, registry: Registry, console: Console, started: 
     summary = summarize(config, c, rollouts, token_records, rollout_records)
     # This session's sampler accounting (a resumed run counts only its own part).
     summary["throughput"] = stats.summary(time.time() - started)
-    summary["throughput"]["executor"] = config.run.executor if remote is None else remote.describe()
+    summary["throughput"].update({"executor": "local"} if remote is None else remote.describe())
     run_dir.write_json("summary.json", summary)
     # Files people open: Parquet records and the HTML report with its plots.
     with writing(run_dir.path):

@@ -209,8 +209,9 @@ class RayExecutor:
                 add_stats(stats, out["stats"])
                 idle.append(actor)
 
-    def describe(self) -> str:
-        return f"ray ({len(self.actors)} workers, started in {self.start_seconds:.1f} s)"
+    def describe(self) -> dict:
+        """This session's executor, for summary.json's "throughput" block."""
+        return {"executor": "ray", "workers": len(self.actors), "worker_start_seconds": round(self.start_seconds, 3)}
 
     def close(self) -> None:
         for actor in self.actors:
