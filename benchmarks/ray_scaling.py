@@ -28,15 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RECORDS = ("rollouts.jsonl", "tokens.jsonl", "questions.jsonl")
-
-
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import RECORDS, ROOT, load_average  # noqa: E402  (benchmarks/pipeline.py)
 
 
 def run_once(argv: list[str], run_dir: Path) -> tuple[float, dict, dict]:

@@ -101,15 +101,19 @@ def test_ray_missing_says_how_to_install(config_path, toy_model_dir, tmp_path, m
 
 
 @pytest.mark.parametrize(
-    "address, says",
-    [("not an address", "is not a Ray address"), ("127.0.0.1:1", "no Ray cluster answers at --ray-address '127.0.0.1:1'")],
+    "flags, env, says",
+    [
+        (["--ray-address", "not an address"], "", "is not a Ray address"),
+        (["--ray-address", "127.0.0.1:1"], "", "no Ray cluster answers at --ray-address '127.0.0.1:1'"),
+        ([], "127.0.0.1:1", "no Ray cluster answers at RAY_ADDRESS '127.0.0.1:1'"),
+    ],
 )
-def test_bad_ray_address_fails_fast_in_one_line(address, says, config_path, toy_model_dir, tmp_path, monkeypatch, capsys):
+def test_bad_ray_address_fails_fast_in_one_line(flags, env, says, config_path, toy_model_dir, tmp_path, monkeypatch, capsys):
     ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'gadiag[ray]'")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver, whatever this process holds
+    monkeypatch.setenv("RAY_ADDRESS", env)
     started = time.time()
-    code = main(["--config", str(config_path), "--model", str(toy_model_dir), "--run-dir", str(tmp_path / "run"),
-                 "--executor", "ray", "--ray-address", address])
+    code = main(["--config", str(config_path), "--model", str(toy_model_dir), "--run-dir", str(tmp_path / "run"), "--executor", "ray", *flags])
     err = capsys.readouterr().err
     assert code == 2, err
     assert says in err and len(err.strip().splitlines()) == 1

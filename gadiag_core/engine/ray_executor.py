@@ -54,13 +54,16 @@ def import_ray():
     return ray
 
 
-def cluster_address(config: RunConfig) -> str | None:
-    """--ray-address, else $RAY_ADDRESS, else None (a local cluster for this run)."""
-    address = config.run.ray_address or os.environ.get("RAY_ADDRESS", "").strip()
-    return address or None
+def cluster_address(config: RunConfig) -> tuple[str | None, str]:
+    """(address, where it came from): --ray-address, else $RAY_ADDRESS, else
+    None (a local cluster for this run)."""
+    if config.run.ray_address:
+        return config.run.ray_address, "--ray-address"
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return (address, "RAY_ADDRESS") if address else (None, "")
 
 
-def check_reachable(address: str | None) -> None:
+def check_reachable(address: str | None, source: str = "--ray-address") -> None:
     """A host:port address must answer before ray.init, which otherwise
     retries for minutes: UsageError naming it and the fix."""
     if address in (None, "auto", "local"):
@@ -70,9 +73,10 @@ def check_reachable(address: str | None) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise UsageError(
-            f"no Ray cluster answers at --ray-address {address!r} ({exc.strerror or exc}): start one there with "
-            "`ray start --head`, fix the address (or RAY_ADDRESS), or leave both unset for a local cluster"
+            f"no Ray cluster answers at {source} {address!r} ({reason}): start one there with `ray start --head`, "
+            "fix the address (host:port of the head, ray://host:10001 or auto), or unset --ray-address and RAY_ADDRESS for a local cluster"
         ) from None
 
 
@@ -95,8 +99,8 @@ class RayExecutor:
         ray = import_ray()
         started_here = False
         if not ray.is_initialized():
-            address = cluster_address(config)
-            check_reachable(address)
+            address, source = cluster_address(config)
+            check_reachable(address, source)
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
             except Exception as exc:  # ConnectionError, ValueError, RuntimeError: one line
@@ -163,8 +167,12 @@ class RayExecutor:
             return self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
             return {"died": str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "the worker died"}
+        except self.ray.exceptions.RayTaskError as exc:  # a plugin's own exception on the worker: name it
+            cause = getattr(exc, "cause", None) or exc
+            reason = (str(cause).strip().splitlines() or [""])[0][:300]
+            raise EnvironmentFailure(f"a Ray worker failed while {doing}: {type(cause).__name__}{': ' + reason if reason else ''}") from None
         except self.ray.exceptions.RayError as exc:
-            raise EnvironmentFailure(f"a Ray worker failed while {doing}: {str(exc).strip().splitlines()[0][:300]}") from None
+            raise EnvironmentFailure(f"a Ray worker failed while {doing}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]}") from None
 
     # -- diagnosis ------------------------------------------------------------
 
