@@ -121,6 +121,13 @@ def test_bad_ray_address_fails_fast_in_one_line(flags, env, says, config_path, t
     assert not (tmp_path / "run").exists()
 
 
+def test_more_workers_than_the_cluster_holds_is_refused(ray_cluster, config_path, toy_model_dir, tmp_path, capsys):
+    code = main(["--config", str(config_path), "--model", str(toy_model_dir), "--run-dir", str(tmp_path / "run"), "--executor", "ray", "--workers", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--workers 3 need 3 CPUs and 0 GPUs" in err and "has 2 and 0" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_executor_keys_are_not_part_of_the_run(config_path, toy_model_dir, tmp_path):
     """A run's config.toml leaves out where it ran, so a local run resumes on
     Ray and the other way round (tests below) and files match byte for byte."""
@@ -144,15 +151,22 @@ def test_two_ray_workers_write_the_local_files(ray_cluster, config_path, toy_mod
     assert throughput["sampler_calls"] > 0  # the workers' sampler accounting reached the driver
 
 
-def test_a_worker_killed_mid_unit_is_replaced(ray_cluster, config_path, toy_model_dir, local_reference, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("restarts", [2, 0], ids=["restarted-by-ray", "wave-moved-to-the-other-worker"])
+def test_a_worker_killed_mid_unit_is_replaced(restarts, ray_cluster, config_path, toy_model_dir, local_reference, tmp_path, monkeypatch, capsys):
     """The kill-once hook makes the first worker to reach a sampler call SIGKILL
-    itself (its student and teacher forwards done: mid-unit); Ray restarts it
-    and the wave runs again. Nothing is lost, nothing written twice."""
+    itself (its student and teacher forwards done: mid-unit). With restarts
+    Ray restarts it and runs the wave again; without, the driver drops it and
+    gives the wave to the other worker. Nothing is lost, nothing written twice."""
+    from gadiag_core.engine import ray_executor
+
+    monkeypatch.setattr(ray_executor, "RESTARTS", restarts)
     marker = tmp_path / "killed"
     monkeypatch.setenv("GADIAG_RAY_KILL_ONCE", str(marker))
     run_dir = tmp_path / "ray"
-    run_in_process(config_path, toy_model_dir, run_dir, "--executor", "ray", "--workers", "2", capsys=capsys)
+    err = run_in_process(config_path, toy_model_dir, run_dir, "--executor", "ray", "--workers", "2", capsys=capsys)
     assert marker.exists(), "no worker was killed: the test proved nothing"
+    if restarts == 0:
+        assert "a Ray worker died" in err and "goes to another" in err
     assert outputs(run_dir) == local_reference
     keys = [(q["question"], q["rollout"]) for q in map(json.loads, (run_dir / "questions.jsonl").read_text().splitlines())]
     assert len(keys) == len(set(keys)) == ROLLOUTS

@@ -111,14 +111,25 @@ class RayExecutor:
                 ) from None
             started_here = True
         self = cls(ray, config, console, started_here)
-        self._start_actors()
+        try:
+            self._start_actors()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def _worker_count(self) -> int:
         run = self.config.run
-        if run.workers:
-            return run.workers
         total = self.ray.cluster_resources()
+        if run.workers:
+            cpus, gpus = run.workers * run.worker_cpus, run.workers * run.worker_gpus
+            if cpus > total.get("CPU", 0) + 1e-9 or gpus > total.get("GPU", 0) + 1e-9:
+                raise UsageError(
+                    f"--workers {run.workers} need {cpus:g} CPUs and {gpus:g} GPUs (run.worker_cpus = {run.worker_cpus:g}, "
+                    f"run.worker_gpus = {run.worker_gpus:g} each) but the Ray cluster has {total.get('CPU', 0):g} and "
+                    f"{total.get('GPU', 0):g}: ask for fewer workers (0 = as many as fit) or add nodes first"
+                )
+            return run.workers
         fits = []
         if run.worker_cpus > 0:
             fits.append(int(total.get("CPU", 0) // run.worker_cpus))
