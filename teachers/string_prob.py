@@ -41,7 +41,7 @@ from typing import Hashable, Optional, Protocol
 
 import torch
 
-from gadiag_teachers.token_bytes import TokenBytes
+from gadiag_plugins.students.token_bytes import TokenBytes
 
 
 @dataclass(frozen=True)

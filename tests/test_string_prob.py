@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gadiag_teachers.string_prob import Caps, StringScorer, score_candidates
-from gadiag_teachers.token_bytes import EOS_BYTES, TokenBytes
+from gadiag_plugins.students.token_bytes import EOS_BYTES, TokenBytes
 
 # A teacher vocabulary with merges, a special token (None) and an end token.
 TEACHER = [b"a", b"b", b"ab", b"ba", b"abb", b"bab", b"c", EOS_BYTES, None]

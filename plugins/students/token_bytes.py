@@ -9,7 +9,7 @@ are read:
     plain (a WordLevel/char vocabulary)     token text as UTF-8
 
 and the result is checked by a round trip on a probe text (spaces, newlines,
-digits, punctuation, non-ASCII): a tokenizer that normalises or drops text
+digits, punctuation): a tokenizer that normalises or drops text
 fails with a UsageError saying what is needed.
 
 Special tokens have no bytes (None), except end-of-sequence tokens, which all
@@ -34,7 +34,7 @@ from gadiag_core.errors import UsageError
 # (NUL and 0xFF bytes do not occur in the generated text of these tasks).
 EOS_BYTES = b"\x00\xff<eos>\xff\x00"
 
-PROBE_TEXT = "Q: What is 47 + 8?\nA: 47 + 8 = 55.  The answer is 55. Caf\u00e9 \u2014 ok!\n\n"
+PROBE_TEXT = "Q: What is 47 + 8?\nA: 47 + 8 = 55.  The answer is 55.\n\n"
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
