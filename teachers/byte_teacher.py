@@ -41,7 +41,10 @@ def lm_vocabulary(lm: CausalLM, role: str) -> TokenBytes:
     """The byte strings of an LM's vocabulary (cached on the LM: 262k tokens take a second)."""
     cached = getattr(lm, "_gadiag_token_bytes", None)
     if cached is None:
-        cached = TokenBytes(vocabulary_bytes(lm.tokenizer, lm.vocab_size, lm.eos_token_ids, name=f"{role} {lm.name}"))
+        # The model's own end tokens are "the text ends"; a plain prompt's line
+        # breaks (which also end its answers) keep their bytes "\n".
+        eos = getattr(lm, "model_eos_ids", lm.eos_token_ids)
+        cached = TokenBytes(vocabulary_bytes(lm.tokenizer, lm.vocab_size, eos, name=f"{role} {lm.name}"))
         try:
             lm._gadiag_token_bytes = cached
         except AttributeError:

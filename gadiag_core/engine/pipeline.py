@@ -166,6 +166,22 @@ def load_rollouts(c: Components, problems: list[Problem], run_dir: RunDir) -> li
     return rollouts
 
 
+def teacher_info(c: Components, token_records) -> dict:
+    """External teachers: model, tokenizer, path (ids or bytes), and for the byte
+    path the mean teacher mass on the candidates and the mean mass left out."""
+    out = {}
+    for name, teacher in c.teachers.items():
+        info = dict(getattr(teacher, "info", None) or {})
+        if not info:
+            continue
+        masses = [r["teacher_mass"][name] for r in token_records if name in r.get("teacher_mass", {})]
+        if masses:
+            info["covered_mass"] = sum(m["covered"] for m in masses) / len(masses)
+            info["left_out"] = sum(m["left_out"] for m in masses) / len(masses)
+        out[name] = info
+    return out
+
+
 def summarize(config, c: Components, rollouts, token_records, rollout_records) -> dict:
     budget: dict[str, float] = {}
     for record in rollout_records:
@@ -183,6 +199,7 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "estimator": config.estimator.name,
         "sampler": config.sampler.name,
         "teachers": list(c.teachers),
+        "teacher_info": teacher_info(c, token_records),
         "objectives": list(c.objectives),
         "questions": len({r.problem.id for r in rollouts}),
         "rollouts": len(rollouts),

@@ -23,6 +23,19 @@ def _pct(value) -> str:
     return num(None if value is None else 100 * value, "{:.0f}%")
 
 
+def external_teachers_line(summary: dict) -> str:
+    """'external teachers: NAME = model (tokenizer …, via bytes, covered teacher mass …), …' or ''."""
+    parts = []
+    for name, info in (summary.get("teacher_info") or {}).items():
+        if not info.get("external"):
+            continue
+        detail = f"tokenizer {info.get('tokenizer', '?')}, via {info.get('via', '?')}"
+        if info.get("covered_mass") is not None:
+            detail += f", covered teacher mass {num(info['covered_mass'], '{:.2f}')}, left out {num(info.get('left_out'), '{:.3f}')}"
+        parts.append(f"{name} = {info.get('model', '?')} ({detail})")
+    return ("external teachers: " + "; ".join(parts)) if parts else ""
+
+
 def leaderboard_table(summary: dict) -> Table:
     title = (
         f"gradient alignment · task {summary['task']} v{summary['task_version']}\n"
@@ -37,6 +50,9 @@ def leaderboard_table(summary: dict) -> Table:
         f"{summary['budget'].get('nodes_targeted', 0):.0f}/{summary['budget'].get('nodes_screened', 0):.0f} nodes targeted, "
         f"covered mass {num(summary['budget'].get('mean_covered_mass'), '{:.2f}')}"
     )
+    external = external_teachers_line(summary)
+    if external:
+        caption += "\n" + external
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for name, justify in [
         ("teacher", "left"),
@@ -80,9 +96,11 @@ def leaderboard_table(summary: dict) -> Table:
             **style,
         )
 
+    info = summary.get("teacher_info") or {}
     for name in teacher_rows:
         teacher, _, objective = name.partition("/")
-        add(name, teacher, objective)
+        external = (info.get(teacher) or {}).get("external")
+        add(name, f"{teacher} ({info[teacher].get('via')})" if external else teacher, objective)
     table.add_section()
     for name in REFERENCE_ROWS:
         if name in rows:

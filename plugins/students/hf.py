@@ -73,6 +73,7 @@ class HFCausalLM(Student):
         generation_config = getattr(model, "generation_config", None)
         ids += _as_id_list(getattr(generation_config, "eos_token_id", None))
         self.prompt_format = prompt_format
+        self.model_eos_ids = list(dict.fromkeys(ids))  # the model's own end tokens (without plain prompts' line breaks)
         if prompt_format == "plain":
             ids += self._line_break_ids()
         self._eos = list(dict.fromkeys(ids))
