@@ -194,11 +194,14 @@ class SyntheticMath(Task):
     # Tries to avoid repeating a question inside one level before accepting a repeat.
     _DEDUP_TRIES = 30
 
-    def __init__(self, levels=DEFAULT_LEVELS, worked_example: bool = True) -> None:
+    def __init__(self, levels=DEFAULT_LEVELS, worked_example: bool = True, examples: int = 1) -> None:
         self.levels = parse_levels(levels)
         if not isinstance(worked_example, bool):
             raise UsageError(f"task 'math': option 'worked_example' must be true or false, got {worked_example!r}")
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+            raise UsageError(f"task 'math': option 'examples' must be a positive integer, got {examples!r}")
         self.worked_example = worked_example
+        self.examples = examples
 
     # -- problems -------------------------------------------------------------
 
@@ -216,7 +219,7 @@ class SyntheticMath(Task):
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise UsageError(f"task 'math': the number of problems must be a non-negative integer, got {count!r}")
         out: list[Problem] = []
-        examples = {level: self.example(level).question for level in self.levels}
+        examples = {level: {e.question for e in self.worked_examples(level)} for level in self.levels}
         seen: dict[str, set[str]] = {level: set() for level in self.levels}
         for index in range(count):
             level = self.levels[index % len(self.levels)]
@@ -228,7 +231,7 @@ class SyntheticMath(Task):
                 problem = self._make(level, rng, index)
                 # Never ask the worked example itself; avoid repeats inside a
                 # level while the level has unused questions left.
-                if problem.question == examples[level]:
+                if problem.question in examples[level]:
                     continue
                 tries += 1
                 if problem.question not in seen[level] or tries >= self._DEDUP_TRIES:
@@ -237,9 +240,21 @@ class SyntheticMath(Task):
             out.append(problem)
         return out
 
-    def example(self, level: str) -> Problem:
-        """The fixed worked example shown before questions of `level`."""
-        return self._make(level, random.Random(f"gadiag-math:worked-example:{LEVELS[level].key}"), 0)
+    def example(self, level: str, index: int = 0) -> Problem:
+        """The fixed worked example number `index` of `level` (0: the one chat prompts show)."""
+        suffix = "" if index == 0 else f":{index}"
+        return self._make(level, random.Random(f"gadiag-math:worked-example:{LEVELS[level].key}{suffix}"), 0)
+
+    def worked_examples(self, level: str) -> list[Problem]:
+        """The `examples` worked examples shown before a question of `level` (distinct questions)."""
+        out: list[Problem] = []
+        index = 0
+        while len(out) < self.examples and index < 100:
+            candidate = self.example(level, index)
+            if all(candidate.question != e.question for e in out):
+                out.append(candidate)
+            index += 1
+        return out
 
     # -- prompt ---------------------------------------------------------------
 
@@ -247,11 +262,11 @@ class SyntheticMath(Task):
         messages = []
         if self.worked_example:
             level = problem.meta.get("level") if isinstance(problem.meta, dict) else None
-            example = self.example(level if level in LEVELS else self.levels[0])
-            messages += [
-                {"role": "user", "content": example.question},
-                {"role": "assistant", "content": example.solution},
-            ]
+            for example in self.worked_examples(level if level in LEVELS else self.levels[0]):
+                messages += [
+                    {"role": "user", "content": example.question},
+                    {"role": "assistant", "content": example.solution},
+                ]
         messages.append({"role": "user", "content": problem.question})
         return messages
 
@@ -277,12 +292,13 @@ class SyntheticMath(Task):
 @dataclass(frozen=True)
 class MathOptions:
     levels: Any = option(list(DEFAULT_LEVELS), "which levels, e.g. [1, 2] or [\"L1\", \"L4\"]", check=lambda v: list(parse_levels(v)))
-    worked_example: bool = option(True, "show one worked example of the level before the question")
+    worked_example: bool = option(True, "show worked examples of the level before the question")
+    examples: int = option(1, "how many worked examples (base models prompted in plain text need a few)", min=1, max=8)
 
 
 def factory(options: MathOptions, run) -> SyntheticMath:
     """Build the task from the ``[task]`` options of harness.toml."""
-    return SyntheticMath(levels=options.levels, worked_example=options.worked_example)
+    return SyntheticMath(levels=options.levels, worked_example=options.worked_example, examples=options.examples)
 
 
 @hookimpl

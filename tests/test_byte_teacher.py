@@ -294,3 +294,52 @@ def test_cli_with_a_teacher_of_another_tokenizer(tmp_path, capsys, toy_model_dir
     if student_kind == "base":
         prompts = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
         assert prompts
+
+
+BAD_TEACHER = """
+[run]
+task = "math"
+teachers = "other"
+questions = 1
+rollouts_per_question = 1
+threads = 1
+
+[student]
+max_new_tokens = 3
+
+[teachers.other]
+model = "{model}"
+context = "solution"
+{extra}
+"""
+
+
+@pytest.mark.parametrize(
+    "model, extra, expected",
+    [
+        ("{tmp}/no-such-model", "", "does not exist"),
+        ("{other}", 'via = "telepathy"', "via"),
+        ("{nobytes}", "", "no byte-level decoding"),
+        ("{other}", 'via = "ids"', 'via = "ids" cannot read'),
+    ],
+)
+def test_bad_teacher_input_is_one_line_exit_2(tmp_path, tiny_model_dir, capsys, model, extra, expected):
+    from gadiag_core.commands.main import main
+
+    other = make_lm(tmp_path / "other", tokenizer=make_merging_tokenizer(), seed=5)
+    nobytes = tmp_path / "nobytes"  # a tokenizer that lowercases: its tokens do not stand for the text's bytes
+    make_tiny_model_dir(nobytes, seed=7)
+    tok = make_merging_tokenizer()
+    from tokenizers import normalizers
+
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    for stale in list(nobytes.glob("*token*")) + list(nobytes.glob("chat_template*")):
+        stale.unlink()
+    tok.save_pretrained(nobytes)
+    config = tmp_path / "harness.toml"
+    spec = model.format(tmp=tmp_path, other=tmp_path / "other", nobytes=nobytes)
+    config.write_text(BAD_TEACHER.format(model=spec, extra=extra))
+    code = main(["--config", str(config), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "runs")])
+    _, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("gadiag-harness: error")]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], err
