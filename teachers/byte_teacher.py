@@ -27,8 +27,9 @@ continuation of h at state s_m (one lookup per node, no forward).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -57,14 +58,19 @@ class _States:
     """The teacher's distributions at states (i, extra): C·G[:i]·extra.
 
     canonical:  [len(G)+1, Vt] log-probabilities after C·G[:i] (one forward)
+    cache:      (forward keyword, key/value cache) of that forward (None: branches rerun the whole prefix)
+
+    A branch state reuses the cache cropped to C·G[:i] and runs only its extra tokens.
     """
 
     lm: CausalLM
     prompt: list[int]
     canonical_ids: list[int]
     canonical: torch.Tensor
+    cache: Any = None
     memo: dict = field(default_factory=dict)
     forwards: int = 0
+    forwards_cached: int = 0
 
     def cached(self, state) -> bool:
         return not state[1] or state in self.memo
@@ -81,12 +87,55 @@ class _States:
             return self.canonical[i].double().exp()
         hit = self.memo.get(state)
         if hit is None:
-            ids = self.prompt + self.canonical_ids[:i] + list(extra)
-            logits = self.lm.node_logits(ids, [0])[0]  # row 0: the logits after all of ids
+            logits = self._branch_logits(i, list(extra))
             hit = torch.log_softmax(logits.double(), -1).exp()
             self.memo[state] = hit
             self.forwards += 1
         return hit
+
+
+    def _branch_logits(self, i: int, extra: list[int]) -> torch.Tensor:
+        """[Vt] the teacher's logits after C·G[:i]·extra."""
+        if self.cache is not None:
+            try:
+                cache_kwarg, full = self.cache
+                cache = copy.deepcopy(full)
+                drop = cache.get_seq_length() - (len(self.prompt) + i)
+                if drop > 0:
+                    cache.crop(-drop)  # keep C·G[:i]
+                model = self.lm.model
+                device = next(model.parameters()).device
+                with torch.no_grad():
+                    out = model(input_ids=torch.tensor([extra], device=device), **{cache_kwarg: cache}, use_cache=True)
+                self.forwards_cached += 1
+                return out.logits[0, -1].float().cpu()
+            except (AttributeError, NotImplementedError, TypeError, ValueError, RuntimeError):
+                self.cache = None  # this model's cache cannot be cropped: rerun prefixes from now on
+        ids = self.prompt + self.canonical_ids[:i] + extra
+        return self.lm.node_logits(ids, [0])[0]  # row 0: the logits after all of ids
+
+
+def canonical_forward(lm: CausalLM, prompt: list[int], canonical_ids: list[int]) -> tuple[torch.Tensor, Any]:
+    """([len(G)+1, Vt] log-probabilities after C·G[:i], the key/value cache or None)."""
+    model = getattr(lm, "model", None)
+    if model is not None and hasattr(model, "forward"):
+        try:
+            device = next(model.parameters()).device
+            ids = torch.tensor([prompt + canonical_ids], device=device)
+            kwargs = {"use_cache": True}
+            if getattr(lm, "_logits_to_keep", False):
+                kwargs["logits_to_keep"] = len(canonical_ids) + 1
+            with torch.no_grad():
+                out = model(input_ids=ids, **kwargs)
+            logits = out.logits[0, -(len(canonical_ids) + 1):].float().cpu()
+            # transformers 5 names the cache `cache`, 4.x `past_key_values`
+            name = "cache" if out.get("cache") is not None else "past_key_values"
+            cache = out.get(name)
+            return torch.log_softmax(logits, -1), None if cache is None or not hasattr(cache, "crop") else (name, cache)
+        except (TypeError, ValueError):
+            pass
+    logits = lm.node_logits(prompt, canonical_ids + [canonical_ids[-1] if canonical_ids else 0])
+    return torch.log_softmax(logits.float(), -1), None
 
 
 @dataclass
@@ -182,10 +231,9 @@ class ByteTeacher(CandidateTeacher):
         boundaries = [0]
         for i in canonical_ids:
             boundaries.append(boundaries[-1] + len(self.teacher_vocab.bytes_of[i] or b""))
-        # One forward: the distribution after C·G[:i] for i = 0 … len(G).
-        logits = self.lm.node_logits(prompt, canonical_ids + [canonical_ids[-1] if canonical_ids else 0])
-        canonical = torch.log_softmax(logits.float(), -1)  # [len(G)+1, Vt]
-        states = _States(self.lm, list(prompt), canonical_ids, canonical)
+        # One forward: the distribution after C·G[:i] for i = 0 … len(G), and its cache.
+        canonical, cache = canonical_forward(self.lm, list(prompt), canonical_ids)  # [len(G)+1, Vt]
+        states = _States(self.lm, list(prompt), canonical_ids, canonical, cache)
         p = BytePass(states, StringScorer(self.teacher_vocab, states, self.caps), offsets, boundaries, text, torch.empty(0))
         p.preferred = torch.tensor([self._preferred(p, t, g) for t, g in enumerate(generated_ids)], dtype=torch.long)
         return p

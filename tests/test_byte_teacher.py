@@ -159,6 +159,7 @@ def test_cross_tokenizer_against_enumeration(char_student, tmp_path):
         token = teacher.student_vocab.bytes_of[generated[t]]
         expected = enumerate_prefix(states, vocab, base, [h + token]) / (enumerate_prefix(states, vocab, base, [h]) if h else 1.0)
         assert math.exp(float(scores.sampled_logprobs[t])) == pytest.approx(expected, rel=2e-5), (t, h, token)
+    assert prepared.states.forwards_cached > 0  # branches ran on the cropped key/value cache
     # node 1 ("2" after "1"): the teacher's "12" spans the boundary, so the state backs off before it
     m, h = teacher._boundary(prepared, 1)
     assert h == b"1" and text.startswith(b"12")
