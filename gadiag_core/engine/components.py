@@ -46,11 +46,12 @@ def build_components(config: RunConfig, registry: Registry) -> Components:
         dtype=getattr(config.student_options, "dtype", "float32") or "float32",
         registry=registry,
     )
+    # The student first: a task may pick its defaults by the student's prompt format.
+    run.student = registry.create("student", config.student.backend, run, **_set(config.student_options))
     task = registry.create("task", config.task.name, run, **config.task.option_dict())
     sampler = registry.create("sampler", config.sampler.name, run, **config.sampler.option_dict())
     estimator = registry.create("estimator", config.estimator.name, run, **config.estimator.option_dict())
     objectives = {name: registry.create("objective", name, run, **choice.option_dict()) for name, choice in config.objectives.items()}
-    run.student = registry.create("student", config.student.backend, run, **_set(config.student_options))
     teachers = {}
     for name in config.run.teachers:
         if name in config.teachers:
