@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from gadiag_core import hookimpl
+from gadiag_core.interfaces import ContextBuilder
 from gadiag_core.options import option
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -71,6 +72,26 @@ def model_teacher(options: ModelTeacherOptions, run):
     teacher = ByteTeacher("model", lm, context, run.student, caps, f"{options.model} shown '{options.context}' (byte path)")
     teacher.info["model"] = options.model
     return teacher
+
+
+class QuestionContext(ContextBuilder):
+    """No privileged information: the student's own prompt (an external model's
+    plain opinion, the baseline of its privileged-context rows)."""
+
+    name = "question"
+    description = "no privileged information: the student's own prompt (for external model teachers)"
+
+    def build(self, inputs):
+        return [dict(m) for m in inputs.student_messages]
+
+
+def _question_context(options, run):
+    return QuestionContext()
+
+
+@hookimpl
+def register_contexts(register):
+    register(QuestionContext.name, _question_context, QuestionContext.description)
 
 
 @hookimpl
