@@ -7,6 +7,8 @@ Read top to bottom this is the data flow of one rollout (DESIGN §3):
     RolloutSampler.sample -> generated ids ; Task.verify -> reward
     Student.node_logits           -> z(u_t)            [T, V]
     Teacher.node_logprobs         -> log p_T(.|u'_t)   [T, V]
+      (CandidateTeacher, another tokenizer: prepare -> preferred tokens [T] now,
+       score -> log p on the scored nodes' candidate sets after the estimator)
     GradientEstimator.estimate    -> a*(u_t) on the targeted nodes (sparse)
     Objective.vector              -> b(u_t)            [T, V]
     alignment                     -> cos(a*, b) per token / question / teacher
