@@ -223,10 +223,15 @@ class ByteTeacher(CandidateTeacher):
             return None
         prompt = self.lm.encode_messages(messages)
         pieces = [self.student_vocab.bytes_of[i] or b"" for i in generated_ids]
-        offsets = [0]
+        text = b"".join(piece for piece in pieces if piece != EOS_BYTES)
+        # A plain-text teacher's prompt ends with "A:": the answer follows a space,
+        # which a chat student does not write. The space joins the teacher's side
+        # (healing then conditions on it at node 0).
+        lead = b" " if getattr(self.lm, "prompt_format", "chat") == "plain" and text[:1] not in (b"", b" ", b"\n") else b""
+        text = lead + text
+        offsets = [len(lead)]
         for piece in pieces:
             offsets.append(offsets[-1] + (0 if piece == EOS_BYTES else len(piece)))
-        text = b"".join(piece for piece in pieces if piece != EOS_BYTES)
         canonical_ids = self._teacher_tokens(text)
         boundaries = [0]
         for i in canonical_ids:
