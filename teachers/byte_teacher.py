@@ -169,6 +169,11 @@ class ByteTeacher(CandidateTeacher):
         self.teacher_vocab = lm_vocabulary(lm, "teacher")
         self.student_vocab = lm_vocabulary(student, "student")
         self._extensions: dict[int, tuple] = {}
+        # "The answer ends": the student's end tokens (a plain-text student's line
+        # breaks among them) are the teacher's end event: its end token, or a
+        # line break for a teacher prompted in plain text.
+        self.student_end = [int(i) for i in student.eos_token_ids]
+        self.end_bytes = b"\n" if getattr(lm, "prompt_format", "chat") == "plain" else EOS_BYTES
         self.info = {"external": True, "model": lm.name, "tokenizer": tokenizer_name(lm), "via": "bytes", "vocab": lm.vocab_size}
 
     # -- alignment -------------------------------------------------------------
@@ -212,6 +217,8 @@ class ByteTeacher(CandidateTeacher):
             nxt = p.states.probs(child)
             with_bytes = torch.tensor(vocab.order)
             rest = vocab.bytes_of[int(with_bytes[nxt[with_bytes].argmax()])]
+        if rest.startswith(self.end_bytes):
+            return self.student_end[0] if self.student_end else gen_token
         token = self.student_vocab.longest_prefix_token(rest)
         return gen_token if token is None else token
 
@@ -222,7 +229,8 @@ class ByteTeacher(CandidateTeacher):
         if messages is None:
             return None
         prompt = self.lm.encode_messages(messages)
-        pieces = [self.student_vocab.bytes_of[i] or b"" for i in generated_ids]
+        ends = set(self.student_end)
+        pieces = [EOS_BYTES if i in ends else self.student_vocab.bytes_of[i] or b"" for i in generated_ids]
         text = b"".join(piece for piece in pieces if piece != EOS_BYTES)
         # A plain-text teacher's prompt ends with "A:": the answer follows a space,
         # which a chat student does not write. The space joins the teacher's side
@@ -243,11 +251,15 @@ class ByteTeacher(CandidateTeacher):
         p.preferred = torch.tensor([self._preferred(p, t, g) for t, g in enumerate(generated_ids)], dtype=torch.long)
         return p
 
+    def candidate_bytes(self, token: int) -> Optional[bytes]:
+        """What the teacher scores for student token `token`: its bytes, or the end event."""
+        return self.end_bytes if token in self.student_end else self.student_vocab.bytes_of[token]
+
     def _student_extensions(self, token: int) -> tuple:
         hit = self._extensions.get(token)
         if hit is None:
             b = self.student_vocab.bytes_of[token]
-            hit = self.student_vocab.minimal_extensions(b) if b and b != EOS_BYTES else ()
+            hit = self.student_vocab.minimal_extensions(b) if b and b != EOS_BYTES and token not in self.student_end else ()
             self._extensions[token] = hit
         return hit
 
@@ -265,7 +277,7 @@ class ByteTeacher(CandidateTeacher):
                 ids.append(y)
             m, h = self._boundary(prepared, t)
             scores = score_candidates(
-                prepared.scorer, (m, ()), h, [self.student_vocab.bytes_of[k] for k in ids], [self._student_extensions(k) for k in ids]
+                prepared.scorer, (m, ()), h, [self.candidate_bytes(k) for k in ids], [self._student_extensions(k) for k in ids]
             )
             out[row] = project(scores.partition, torch.tensor(ids), student_logprobs[row])
             sampled_lp[row] = float(scores.string_logprob[ids.index(y)])

@@ -158,7 +158,7 @@ def test_cross_tokenizer_against_enumeration(char_student, tmp_path, teacher_for
     for t in nodes:
         m, h = teacher._boundary(prepared, t)
         base = tuple(prepared.states.canonical_ids[:m])
-        token = teacher.student_vocab.bytes_of[generated[t]]
+        token = teacher.candidate_bytes(generated[t])
         expected = enumerate_prefix(states, vocab, base, [h + token]) / (enumerate_prefix(states, vocab, base, [h]) if h else 1.0)
         assert math.exp(float(scores.sampled_logprobs[t])) == pytest.approx(expected, rel=2e-5), (t, h, token)
     assert prepared.states.forwards_cached > 0  # branches ran on the cropped key/value cache
@@ -184,7 +184,7 @@ def test_student_token_covering_several_teacher_tokens(tmp_path, char_student):
     for t in nodes:
         m, h = teacher._boundary(prepared, t)
         base = tuple(prepared.states.canonical_ids[:m])
-        token = teacher.student_vocab.bytes_of[generated[t]]
+        token = teacher.candidate_bytes(generated[t])
         expected = enumerate_prefix(states, teacher.teacher_vocab.bytes_of, base, [h + token]) / (
             enumerate_prefix(states, teacher.teacher_vocab.bytes_of, base, [h]) if h else 1.0
         )
