@@ -1,4 +1,4 @@
-"""Diagnosing one student rollout, in four stages (DESIGN §1–2):
+"""Diagnosing one student rollout, in five stages (DESIGN §1–2):
 
     teacher_logprobs   each teacher's log p_T at every node          [T, V] per teacher
                        (a CandidateTeacher — another tokenizer — only prepares
