@@ -314,6 +314,6 @@ def project(partition: torch.Tensor, candidates: torch.Tensor, student_logprobs:
 
 
 def tokenizer_name(lm: CausalLM) -> str:
+    """'GemmaTokenizer, 262144 tokens': the tokenizer's class and size (its path is often a cache folder)."""
     tok = lm.tokenizer
-    path = getattr(tok, "name_or_path", "") or ""
-    return f"{type(tok).__name__.replace('TokenizerFast', '')}({len(tok)})" if not path else f"{path.rstrip('/').split('/')[-1]}({len(tok)})"
+    return f"{type(tok).__name__.removesuffix('Fast')}, {len(tok)} tokens"
