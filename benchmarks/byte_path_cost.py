@@ -15,7 +15,7 @@ mean and max |Δ log p| of the sampled token (string probability vs id), the
 covered teacher mass on the candidates and the mass the caps left out.
 
     python benchmarks/byte_path_cost.py --threads 1                 # SmolLM2, ~2 min on a busy core
-    python benchmarks/byte_path_cost.py --teacher gemma3-270m       # cross-tokenizer cost (no id path)
+    python benchmarks/byte_path_cost.py --teacher gemma3-270m       # cross-tokenizer: Gemma's byte path against SmolLM2's id path
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     teacher_lm = load_lm(args.teacher) if args.teacher else student
     task = SyntheticMath()
     problems = task.problems(args.rollouts, seed=args.seed)
-    ids_teacher = None if args.teacher else ContextTeacher("ids", student, SolutionContext())
+    ids_teacher = ContextTeacher("ids", student, SolutionContext())  # the student's model through its ids: the reference
     byte_teacher = ByteTeacher("bytes", teacher_lm, SolutionContext(), student, Caps(max_forwards=args.max_forwards))
 
     torch.manual_seed(args.seed)
@@ -93,19 +93,18 @@ def main(argv=None) -> None:
         forwards += scores.forwards
         covered += scores.covered.tolist()
         left_out += scores.left_out.tolist()
-        if ids_teacher is not None:
+        if not args.teacher:
             gaps += (scores.sampled_logprobs - id_lp[torch.arange(len(nodes)), sampled]).abs().tolist()
 
     print(f"student {args.model}; byte-path teacher {args.teacher or args.model} shown the solution; "
           f"{len(problems)} rollouts, {nodes_total} scored nodes, ≤{args.candidates + 1} candidates each, "
           f"{args.threads} thread(s), max_forwards {args.max_forwards}")
     for path in ("ids", "bytes"):
-        if path == "ids" and ids_teacher is None:
-            continue
         cpu, wall = cost[path]
         print(f"  {path:<6} {1000 * cpu / nodes_total:8.2f} ms CPU / node   {1000 * wall / nodes_total:8.2f} ms wall / node")
-    if ids_teacher is not None:
-        print(f"  ratio bytes/ids: {cost['bytes'][0] / max(cost['ids'][0], 1e-9):.1f}x CPU, {cost['bytes'][1] / max(cost['ids'][1], 1e-9):.1f}x wall")
+    print(f"  ratio bytes/ids: {cost['bytes'][0] / max(cost['ids'][0], 1e-9):.1f}x CPU, {cost['bytes'][1] / max(cost['ids'][1], 1e-9):.1f}x wall"
+          + ("  (ids: the student's own model; bytes: the other teacher)" if args.teacher else ""))
+    if not args.teacher:
         g = torch.tensor(gaps)
         print(f"  |Δ log p(sampled)| byte vs id path: mean {float(g.mean()):.4f}, median {float(g.median()):.4f}, max {float(g.max()):.3f}")
     print(f"  extra teacher forwards {forwards} ({forwards / nodes_total:.2f} / node); covered teacher mass mean "
