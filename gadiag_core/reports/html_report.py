@@ -19,9 +19,6 @@ red hurts; tokens that were not scored (screened out) stay uncoloured.
 
 from __future__ import annotations
 
-from gadiag_core.reports.leaderboard import external_teachers_line
-from gadiag_core.reports.format import num  # noqa: E402
-
 import html
 import json
 import math
@@ -30,6 +27,8 @@ from pathlib import Path
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
+from gadiag_core.reports.format import num
+from gadiag_core.reports.leaderboard import external_teachers_line
 
 REPORT_DIR = "report"
 
