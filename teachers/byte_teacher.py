@@ -173,6 +173,7 @@ class ByteTeacher(CandidateTeacher):
         # breaks among them) are the teacher's end event: its end token, or a
         # line break for a teacher prompted in plain text.
         self.student_end = [int(i) for i in student.eos_token_ids]
+        self.student_model_end = set(int(i) for i in getattr(student, "model_eos_ids", student.eos_token_ids))
         self.end_bytes = b"\n" if getattr(lm, "prompt_format", "chat") == "plain" else EOS_BYTES
         self.info = {"external": True, "model": lm.name, "tokenizer": tokenizer_name(lm), "via": "bytes", "vocab": lm.vocab_size}
 
@@ -229,9 +230,8 @@ class ByteTeacher(CandidateTeacher):
         if messages is None:
             return None
         prompt = self.lm.encode_messages(messages)
-        ends = set(self.student_end)
-        pieces = [EOS_BYTES if i in ends else self.student_vocab.bytes_of[i] or b"" for i in generated_ids]
-        text = b"".join(piece for piece in pieces if piece != EOS_BYTES)
+        pieces = [self._text_bytes(i) for i in generated_ids]
+        text = b"".join(pieces)
         # A plain-text teacher's prompt ends with "A:": the answer follows a space,
         # which a chat student does not write. The space joins the teacher's side
         # (healing then conditions on it at node 0).
@@ -239,7 +239,7 @@ class ByteTeacher(CandidateTeacher):
         text = lead + text
         offsets = [len(lead)]
         for piece in pieces:
-            offsets.append(offsets[-1] + (0 if piece == EOS_BYTES else len(piece)))
+            offsets.append(offsets[-1] + len(piece))
         canonical_ids = self._teacher_tokens(text)
         boundaries = [0]
         for i in canonical_ids:
@@ -251,9 +251,23 @@ class ByteTeacher(CandidateTeacher):
         p.preferred = torch.tensor([self._preferred(p, t, g) for t, g in enumerate(generated_ids)], dtype=torch.long)
         return p
 
+    def _text_bytes(self, token: int) -> bytes:
+        """The bytes `token` adds to the generated text: none for an end token;
+        for a plain-text student's line-break token (it ends the answer), what
+        comes before its line break."""
+        b = self.student_vocab.bytes_of[token] or b""
+        if token in self.student_model_end or b == EOS_BYTES:
+            return b""
+        if token in self.student_end and b"\n" in b:
+            return b[: b.index(b"\n")]
+        return b
+
     def candidate_bytes(self, token: int) -> Optional[bytes]:
-        """What the teacher scores for student token `token`: its bytes, or the end event."""
-        return self.end_bytes if token in self.student_end else self.student_vocab.bytes_of[token]
+        """The event the teacher scores for student token `token`: its bytes; for an
+        end token, the teacher's end event (after the bytes a line-break end adds)."""
+        if token in self.student_end or self.student_vocab.bytes_of[token] == EOS_BYTES:
+            return self._text_bytes(token) + self.end_bytes
+        return self.student_vocab.bytes_of[token]
 
     def _student_extensions(self, token: int) -> tuple:
         hit = self._extensions.get(token)
@@ -279,7 +293,19 @@ class ByteTeacher(CandidateTeacher):
             scores = score_candidates(
                 prepared.scorer, (m, ()), h, [self.candidate_bytes(k) for k in ids], [self._student_extensions(k) for k in ids]
             )
-            out[row] = project(scores.partition, torch.tensor(ids), student_logprobs[row])
+            # Candidates that are one event for this teacher (a chat student's "\n" and its
+            # end token, for a plain-text teacher whose answers end at a line break):
+            # the mass goes to one of them, end tokens first, so the partition stays one.
+            part = scores.partition.clone()
+            owner: dict = {}
+            for j in sorted(range(len(ids)), key=lambda j: ids[j] not in self.student_end):
+                event = self.candidate_bytes(ids[j])
+                if event in owner:
+                    part[j] = 0.0
+                else:
+                    owner[event] = j
+            out[row] = project(part, torch.tensor(ids), student_logprobs[row])
+            scores.partition = part
             sampled_lp[row] = float(scores.string_logprob[ids.index(y)])
             covered[row] = float(scores.partition.sum())
             left_out[row] = scores.left_out
