@@ -347,3 +347,20 @@ def test_bad_teacher_input_is_one_line_exit_2(tmp_path, tiny_model_dir, capsys, 
     _, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.startswith("gadiag-harness: error")]
     assert code == 2 and len(lines) == 1 and expected in lines[0], err
+
+
+def test_end_events_of_a_plain_teacher_are_not_counted_twice(char_student, tmp_path):
+    """A plain-text teacher's answers end at a line break: for a chat student the
+    end token and a bare "\\n" are one event; the end token gets its mass, "\\n"
+    none, so the teacher's mass on the candidates stays at most 1."""
+    teacher_lm = make_lm(tmp_path / "t", seed=8, name="plain-teacher", prompt_format="plain")
+    teacher = ByteTeacher("t", teacher_lm, SolutionContext(), char_student, Caps(max_forwards=16, min_mass=0.0))
+    generated = student_rollout(char_student, "12 + 4")
+    newline = char_student.tokenizer.convert_tokens_to_ids("\n")
+    end = char_student.eos_token_ids[0]
+    last = len(generated) - 1
+    _, scores = byte_scores(teacher, char_student, generated, [last], [torch.tensor([newline, end])])
+    p = scores.logprobs[0].exp()
+    assert float(p[end]) > 0.0 and float(p[newline]) < 1e-9
+    assert float(scores.covered[0]) <= 1.0 + 1e-6
+    assert teacher.candidate_bytes(end) == b"\n" == teacher.candidate_bytes(newline)
