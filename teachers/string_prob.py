@@ -125,12 +125,14 @@ class StringScorer:
                         out.append((v, b"", rest))
         return out
 
-    def mass(self, state, x: bytes, ext: Optional[tuple] = None, budget: Optional[Budget] = None) -> float:
-        """M(state, x, E): a lower bound, short of the truth by at most budget.left_out."""
+    def mass(self, state, x: bytes, ext: Optional[tuple] = None, budget: Optional[Budget] = None, min_mass: Optional[float] = None) -> float:
+        """M(state, x, E): a lower bound, short of the truth by at most budget.left_out.
+        `min_mass` overrides caps.min_mass (the least path mass worth a forward)."""
         budget = budget if budget is not None else Budget(self.caps.max_forwards)
-        return self._mass(state, x, ext, 1.0, 0, budget)
+        floor = self.caps.min_mass if min_mass is None else min_mass
+        return self._mass(state, x, ext, 1.0, 0, budget, floor)
 
-    def _mass(self, state, x, ext, weight, depth, budget) -> float:
+    def _mass(self, state, x, ext, weight, depth, budget, floor) -> float:
         if not x and ext is None:
             return 1.0
         probs, cum = self._dist(state)
@@ -146,13 +148,13 @@ class StringScorer:
             path = weight * p
             child = self.states.child(state, v)
             free = self.states.cached(child)
-            if depth >= self.caps.max_depth or (not free and (path < self.caps.min_mass or budget.forwards_left <= 0)):
+            if depth >= self.caps.max_depth or (not free and (path < floor or budget.forwards_left <= 0)):
                 budget.left_out += path
                 continue
             if not free:
                 budget.forwards_left -= 1
                 budget.forwards += 1
-            total += p * self._mass(child, nx, ne, path, depth + 1, budget)
+            total += p * self._mass(child, nx, ne, path, depth + 1, budget, floor)
         return total
 
 
@@ -163,7 +165,9 @@ class CandidateScores:
     string_logprob:  [C] log P(b_k | teacher context, prefix): the sampled-token objectives' p
     partition:       [C] P(k) under the greedy-longest-match partition (full-distribution objectives)
     prefix_mass:     M(s, h): the healed bytes' probability (the denominator)
-    left_out:        path mass of the branches not followed, relative to prefix_mass
+    left_out:        L / (M(s, h) + L), L the path mass of the branches not followed:
+                     the share of the (possible) mass of the node's prefix left
+                     unexplored (0: exact up to float error; near 1: unreliable)
     forwards:        teacher forwards spent off the canonical tokenization
     """
 
@@ -179,14 +183,16 @@ def score_candidates(scorer: StringScorer, state, healed: bytes, candidate_bytes
     None for a token without text; student extensions extensions[k])."""
     budget = Budget(scorer.caps.max_forwards)
     denominator = scorer.mass(state, healed, None, budget)
+    # Branches of the numerators matter relative to the prefix's own mass.
+    floor = scorer.caps.min_mass * denominator
     strings, parts = [], []
     for b, ext in zip(candidate_bytes, extensions):
         if not b or denominator <= 0.0:
             strings.append(0.0)
             parts.append(0.0)
             continue
-        starts = scorer.mass(state, healed + b, None, budget)
-        longer = scorer.mass(state, healed + b, ext, budget) if ext else 0.0
+        starts = scorer.mass(state, healed + b, None, budget, floor)
+        longer = scorer.mass(state, healed + b, ext, budget, floor) if ext else 0.0
         strings.append(starts / denominator)
         parts.append(max(starts - longer, 0.0) / denominator)
     strings_t = torch.tensor(strings, dtype=torch.float64)
@@ -194,6 +200,6 @@ def score_candidates(scorer: StringScorer, state, healed: bytes, candidate_bytes
         string_logprob=torch.where(strings_t > 0, strings_t.clamp_min(1e-300).log(), torch.full_like(strings_t, -math.inf)),
         partition=torch.tensor(parts, dtype=torch.float64),
         prefix_mass=denominator,
-        left_out=budget.left_out / denominator if denominator > 0 else 1.0,
+        left_out=budget.left_out / (denominator + budget.left_out) if denominator + budget.left_out > 0 else 1.0,
         forwards=budget.forwards,
     )
