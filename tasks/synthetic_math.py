@@ -331,10 +331,15 @@ def factory(options: MathOptions, run) -> SyntheticMath:
     examples left unset follow the student's prompt format: a base model
     prompted in plain text gets PLAIN_EXAMPLES worked examples and the levels
     where it sometimes succeeds (PLAIN_DEFAULT_LEVELS)."""
-    plain = getattr(getattr(run, "student", None), "prompt_format", "chat") == "plain"
+    student = getattr(run, "student", None)
+    plain = getattr(student, "prompt_format", "chat") == "plain"
     levels = options.levels if options.levels is not None else (PLAIN_DEFAULT_LEVELS if plain else DEFAULT_LEVELS)
     examples = options.examples if options.examples is not None else (PLAIN_EXAMPLES if plain else 1)
-    return SyntheticMath(levels=levels, worked_example=options.worked_example, examples=examples)
+    task = SyntheticMath(levels=levels, worked_example=options.worked_example, examples=examples)
+    # Built before the student loads (to check the problems early), with defaults
+    # left open: the run builds it again once it knows the student.
+    task.depends_on_student = student is None and (options.levels is None or options.examples is None)
+    return task
 
 
 @hookimpl
