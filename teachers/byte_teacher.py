@@ -28,6 +28,7 @@ continuation of h at state s_m (one lookup per node, no forward).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -306,7 +307,8 @@ class ByteTeacher(CandidateTeacher):
                     owner[event] = j
             out[row] = project(part, torch.tensor(ids), student_logprobs[row])
             scores.partition = part
-            sampled_lp[row] = float(scores.string_logprob[ids.index(y)])
+            # floored like the partition: a token the teacher cannot write gets log FLOOR, not −inf
+            sampled_lp[row] = max(float(scores.string_logprob[ids.index(y)]), math.log(FLOOR))
             covered[row] = float(scores.partition.sum())
             left_out[row] = scores.left_out
         return CandidateLogprobs(out, sampled_lp, covered, left_out, prepared.states.forwards - before)
