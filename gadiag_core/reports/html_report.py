@@ -30,6 +30,7 @@ from gadiag_core.reports.leaderboard import leaderboard_notes
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
 from gadiag_core.reports.format import num
+from gadiag_core.reports.leaderboard import external_teachers_line
 
 REPORT_DIR = "report"
 
@@ -172,7 +173,9 @@ def _run_header(run: Run) -> str:
         if run.finished
         else "<div class=\"banner\">Unfinished run (no summary.json): the numbers are rebuilt from the records written so far.</div>"
     )
-    return f"<p class=\"sub\">{' · '.join(parts)}<br>{_esc(counts)}</p>{banner}"
+    external = external_teachers_line(s)
+    external = f"<br>{_esc(external)}" if external else ""
+    return f"<p class=\"sub\">{' · '.join(parts)}<br>{_esc(counts)}{external}</p>{banner}"
 
 
 # ----------------------------------------------------------------------------
@@ -206,6 +209,9 @@ def _leaderboard_html(run: Run) -> str:
         teacher, _, objective = name.partition("/")
         if name in REFERENCE_ROWS:
             teacher, objective = name, "reference"
+        info = (run.summary.get("teacher_info") or {}).get(teacher) or {}
+        if info.get("external"):  # another model: say which, its tokenizer and path
+            teacher = f"{teacher} ({info.get('via')})"
         cells = "".join(
             f"<td style=\"background:{colour(row.get(key))}\">{num(row.get(key))}</td>"
             if key

@@ -22,6 +22,19 @@ def _pct(value) -> str:
     return num(None if value is None else 100 * value, "{:.0f}%")
 
 
+def external_teachers_line(summary: dict) -> str:
+    """'external teachers: NAME = model (tokenizer …, via bytes, covered teacher mass …), …' or ''."""
+    parts = []
+    for name, info in (summary.get("teacher_info") or {}).items():
+        if not info.get("external"):
+            continue
+        detail = f"tokenizer {info.get('tokenizer', '?')}, via {info.get('via', '?')}"
+        if info.get("covered_mass") is not None:
+            detail += f", covered teacher mass {num(info['covered_mass'], '{:.2f}')}, left out {num(info.get('left_out'), '{:.3f}')}"
+        parts.append(f"{name} = {info.get('model', '?')} ({detail})")
+    return ("external teachers: " + "; ".join(parts)) if parts else ""
+
+
 def leaderboard_table(summary: dict) -> Table:
     title = (
         f"gradient alignment · task {summary['task']} v{summary['task_version']}\n"
@@ -48,6 +61,9 @@ def leaderboard_table(summary: dict) -> Table:
         "\nalign, incorrect, correct: token means with the Monte-Carlo noise of â* removed (SIMEX); per-question: "
         "rollout cosines with the noise energy removed; raw: the uncorrected means; 95% CI: bootstrap over questions"
     )
+    external = external_teachers_line(summary)
+    if external:
+        caption += "\n" + external
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for name, justify in [
         ("teacher", "left"),
@@ -93,11 +109,13 @@ def leaderboard_table(summary: dict) -> Table:
             **style,
         )
 
+    info = summary.get("teacher_info") or {}
     options = summary.get("objective_options", {})
     for name in teacher_rows:
         teacher, _, objective = name.partition("/")
+        external = (info.get(teacher) or {}).get("external")
         settings = ", ".join(f"{k}={v}" for k, v in options.get(objective, {}).items())
-        add(name, teacher, f"{objective} ({settings})" if settings else objective)
+        add(name, f"{teacher} ({info[teacher].get('via')})" if external else teacher, f"{objective} ({settings})" if settings else objective)
     table.add_section()
     for name in REFERENCE_ROWS:
         if name in rows:
