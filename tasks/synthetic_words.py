@@ -4,14 +4,21 @@ questions at graded difficulty — a second task family that is not arithmetic.
 Levels (each shown after one worked example of the same level, as a previous
 user/assistant exchange; every solution is one line ending in "The answer is X."):
 
-    W1  first letter of a word           What is the first letter of the word "garden"?
-    W2  last letter of a word            What is the last letter of the word "garden"?
-    W3  next letter of the alphabet      Which letter comes right after "k" in the alphabet?
-    W4  the larger of two numbers        Which number is larger, 47 or 74?
-    W5  alphabetical order of two words  Which word comes first in alphabetical order, "river" or "candle"?
-    W6  length of a word                 How many letters are in the word "garden"?
-    W7  count a letter in a word         How many times does the letter "e" appear in "between"?
-    W8  a three-letter word backwards    Write the word "cat" backwards.
+    W1   yes/no comparison               Is 47 larger than 74? Answer yes or no.
+    W2   the larger of two numbers       Which number is larger, 47 or 74?
+    W3   the longer of two words         Which word is longer, "cat" or "garden"?
+    W4   the earlier of two letters      Which letter comes first in the alphabet, "q" or "d"?
+    W5   first letter of a word          What is the first letter of the word "garden"?
+    W6   alphabetical order of two words Which word comes first in alphabetical order, "river" or "candle"?
+    W7   length of a word                How many letters are in the word "garden"?
+    W8   next letter of the alphabet     Which letter comes right after "k" in the alphabet?
+    W9   count a letter in a word        How many times does the letter "e" appear in the word "between"?
+    W10  last letter of a word           What is the last letter of the word "garden"?
+    W11  a three-letter word backwards   Write the word "cat" backwards.
+
+Roughly easiest first for the default student (MEASURED); the two-way choices
+(W1-W4) sit near the middle of the 0.2-0.8 range where rollouts of one
+question are sometimes right and sometimes wrong.
 
 Answers are a letter, a word or a number; the verifier reads the word after the
 last "answer is" (else the last word of the completion) and compares it without
@@ -114,6 +121,31 @@ def _reverse(rng: random.Random) -> Draw:
     return f'Write the word "{word}" backwards.', word[::-1], f'"{word}" is spelled {"-".join(word)}; backwards it is {"-".join(word[::-1])}.'
 
 
+def _is_larger(rng: random.Random) -> Draw:
+    a, b = rng.sample(range(10, 100), 2)
+    answer = "yes" if a > b else "no"
+    return f"Is {a} larger than {b}? Answer yes or no.", answer, f"{a} is {'more' if a > b else 'less'} than {b}."
+
+
+def _longer_word(rng: random.Random) -> Draw:
+    while True:
+        a, b = rng.sample(WORDS + THREE_LETTER, 2)
+        if abs(len(a) - len(b)) >= 2:
+            break
+    longer = a if len(a) > len(b) else b
+    return (
+        f'Which word is longer, "{a}" or "{b}"?',
+        longer,
+        f'"{a}" has {len(a)} letters and "{b}" has {len(b)}.',
+    )
+
+
+def _earlier_letter(rng: random.Random) -> Draw:
+    a, b = rng.sample(ALPHABET, 2)
+    first = min(a, b)
+    return f'Which letter comes first in the alphabet, "{a}" or "{b}"?', first, f"{first} comes before {max(a, b)}."
+
+
 @dataclass(frozen=True)
 class Level:
     name: str  # what users type: W1, W2, ...
@@ -125,14 +157,17 @@ class Level:
 LEVELS: dict[str, Level] = {
     level.name: level
     for level in [
-        Level("W1", "first", "first letter of a word", _first_letter),
-        Level("W2", "last", "last letter of a word", _last_letter),
-        Level("W3", "next", "the letter after a letter in the alphabet", _next_letter),
-        Level("W4", "larger", "the larger of two two-digit numbers", _larger_number),
-        Level("W5", "alpha", "which of two words comes first alphabetically", _alphabetical),
-        Level("W6", "length", "how many letters a word has", _length),
-        Level("W7", "count", "how many times a letter appears in a word", _count_letter),
-        Level("W8", "reverse", "a three-letter word written backwards", _reverse),
+        Level("W1", "isbigger", "is one two-digit number larger than another (yes/no)", _is_larger),
+        Level("W2", "larger", "the larger of two two-digit numbers", _larger_number),
+        Level("W3", "longer", "the longer of two words", _longer_word),
+        Level("W4", "earlier", "which of two letters comes first in the alphabet", _earlier_letter),
+        Level("W5", "first", "first letter of a word", _first_letter),
+        Level("W6", "alpha", "which of two words comes first alphabetically", _alphabetical),
+        Level("W7", "length", "how many letters a word has", _length),
+        Level("W8", "next", "the letter after a letter in the alphabet", _next_letter),
+        Level("W9", "count", "how many times a letter appears in a word", _count_letter),
+        Level("W10", "last", "last letter of a word", _last_letter),
+        Level("W11", "reverse", "a three-letter word written backwards", _reverse),
     ]
 }
 
@@ -265,17 +300,23 @@ class SyntheticWords(Task):
             return False
 
     def wrong_answer(self, problem: Problem, rng: random.Random) -> str:
-        """A near miss of the same kind: a neighbouring number, another letter,
-        the other word, or the word unreversed."""
+        """A near miss of the same kind: the other choice of a two-way question
+        (yes/no, the other number, word or letter), else a neighbouring count,
+        another letter, or the word unreversed."""
         gold = str(problem.answer)
+        if gold in ("yes", "no"):
+            return "no" if gold == "yes" else "yes"
+        choices = re.findall(r'"([a-z]+)"', problem.question) + re.findall(r"\b(\d+)\b", problem.question)
+        # The other choice of the same kind (a number, a letter, a word).
+        others = [c for c in choices if c != gold and c.isdigit() == gold.isdigit() and (len(c) == 1) == (len(gold) == 1)]
+        if others and (len(choices) == 2 or not gold.isdigit()):
+            return others[0]
         if gold.isdigit():
             value = int(gold)
             return str(rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0]))
         if len(gold) == 1:
             return rng.choice([c for c in ALPHABET if c != gold])
-        words = re.findall(r'"([a-z]+)"', problem.question)
-        others = [w for w in words if w != gold]
-        return others[0] if others else gold[::-1] + "s"
+        return gold[::-1] + "s"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@
     gadiag-harness selfcheck …
     gadiag-harness report RUN_DIR…
     gadiag-harness show RUN_DIR --question N …
+    gadiag-harness study STUDY.toml | --students a,b --tasks x,y …
 
 Each subcommand module has `main(argv) -> exit code` and is imported only when
 called, so `--help`, `list`, `report` and `show` import no torch. Bad input
@@ -25,6 +26,7 @@ COMMANDS = {
     "selfcheck": "gadiag_core.commands.selfcheck",
     "report": "gadiag_core.commands.report",
     "show": "gadiag_core.commands.show",
+    "study": "gadiag_core.commands.study",
 }
 
 

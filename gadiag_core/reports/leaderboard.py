@@ -87,7 +87,43 @@ def leaderboard_table(summary: dict) -> Table:
     for name in REFERENCE_ROWS:
         if name in rows:
             add(name, name, "reference", style="dim")
+    add_oracle_rows(table, summary.get("oracle"))
     return table
+
+
+def add_oracle_rows(table: Table, oracle: dict | None) -> None:
+    """The per-token oracle and the best single row, both chosen on one half of
+    â* and scored on the other (gadiag_core.scoring.oracle): comparable with
+    each other, not with the align column (scored on the whole estimate)."""
+    if not oracle or "all" not in oracle or "oracle" not in oracle["all"]:
+        return
+    table.add_section()
+    splits = [oracle.get(s, {}) for s in ("all", "incorrect", "correct")]
+    # Both rows are scored split-half (against one half of â*), the oracle per token.
+    for label, what, key in (("oracle ½", "per-token best", "oracle"), ("best single ½", oracle["all"]["best_single"], "single")):
+        table.add_row(
+            label, what, num(splits[0].get(key)), _interval(splits[0].get(f"{key}_ci")), "",
+            num(splits[1].get(key)), num(splits[2].get(key)), "", "", "", "", str(splits[0].get("nodes", "")),
+            style="italic",
+        )
+
+
+def oracle_lines(summary: dict) -> list[str]:
+    """The oracle's findings in words: headroom, the bias it avoids, switch rate, winners."""
+    oracle = summary.get("oracle")
+    if not oracle or "all" not in oracle or "oracle" not in oracle["all"]:
+        return []
+    a = oracle["all"]
+    wins = ", ".join(f"{row} {count}" for row, count in list(oracle.get("wins", {}).items())[:4])
+    top = ", ".join(f"{row} {count}" for row, count in list(oracle.get("question_top", {}).items())[:4])
+    return [
+        f"½ split-half: chosen on one half of the ideal estimate, scored on the other. "
+        f"Per-token oracle over {len(oracle['rows'])} rows: {num(a['oracle'])} vs best single row {a['best_single']} "
+        f"{num(a['single'])} (both split-half) — headroom {num(a['headroom'], '{:+.3f}')} [{_interval(a.get('headroom_ci'))}]; "
+        f"picking and scoring on the same half would claim {num(a['same_half_headroom'], '{:+.3f}')}",
+        f"the best row changes at {_pct(oracle.get('switch_rate'))} of consecutive scored tokens "
+        f"({oracle.get('switches', 0)}/{oracle.get('pairs', 0)}); tokens won: {wins}; questions won (most tokens): {top}",
+    ]
 
 
 def print_leaderboard(summary: dict, console: Console | None = None) -> None:
@@ -96,3 +132,5 @@ def print_leaderboard(summary: dict, console: Console | None = None) -> None:
     if not console.is_terminal:
         console = Console(file=console.file, width=160)
     console.print(leaderboard_table(summary))
+    for line in oracle_lines(summary):
+        console.print(line, highlight=False)
