@@ -17,8 +17,8 @@ applies only to the task named in [run] task) plus a [study] table:
     [study]
     name = "paper"                 # the study directory is output_dir/name (default: the file's name)
     output_dir = "studies"
-    students = ["smollm2"]         # default: every [study.students.*] table
-    tasks = ["math", "words"]      # default: every [study.tasks.*] table
+    include_students = ["smollm2"] # optional: which students, in order (default: every
+    include_tasks = ["math"]       # [study.students.*] / [study.tasks.*] table, in file order)
 
     [study.students.smollm2]       # [student] keys of this student: model, temperature, dtype, …
     model = "smollm2-135m-instruct"
@@ -29,8 +29,9 @@ applies only to the task named in [run] task) plus a [study] table:
     task = "math"                  # table's name); other keys are its [task] options
     levels = ["L1", "L2", "L3", "L4"]
 
-A student named in `students` without a table is a model spec (alias, HF id,
-directory); a task without a table is a task name with its default options.
+A student named (in include_students or --students) without a table is a
+model spec (alias, HF id, directory); a task without a table is a task name
+with its default options.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from gadiag_core.commands.common import ArgumentParser, add_common
 from gadiag_core.errors import UsageError
 
 CELLS_DIR = "cells"
-STUDY_KEYS = ("name", "output_dir", "students", "tasks")
+STUDY_KEYS = ("name", "output_dir", "students", "tasks", "include_students", "include_tasks")
 
 
 def parser() -> ArgumentParser:
@@ -84,15 +85,16 @@ def study_plan(raw: dict, students_flag: str | None = None, tasks_flag: str | No
     study = raw.pop("study", {})
     if not isinstance(study, dict):
         raise UsageError(f"[study] must be a table, got {study!r}")
-    student_tables = study.get("students", {}) if isinstance(study.get("students"), dict) else {}
-    task_tables = study.get("tasks", {}) if isinstance(study.get("tasks"), dict) else {}
+    student_tables = study.get("students", {})
+    task_tables = study.get("tasks", {})
+    for key, tables in (("students", student_tables), ("tasks", task_tables)):
+        if not isinstance(tables, dict):
+            raise UsageError(f"study.{key} must be [study.{key}.NAME] tables; list the ones to run with study.include_{key} = [...]")
     for key in study:
         if key not in STUDY_KEYS:
             raise UsageError(f"unknown key study.{key}; keys of [study]: {', '.join(STUDY_KEYS)}")
-    listed_students = study.get("students") if isinstance(study.get("students"), (list, str)) else None
-    listed_tasks = study.get("tasks") if isinstance(study.get("tasks"), (list, str)) else None
-    students = _names(students_flag or listed_students or list(student_tables), "study.students")
-    tasks = _names(tasks_flag or listed_tasks or list(task_tables), "study.tasks")
+    students = _names(students_flag or study.get("include_students") or list(student_tables), "study.include_students")
+    tasks = _names(tasks_flag or study.get("include_tasks") or list(task_tables), "study.include_tasks")
     if not students:
         raise UsageError("the study names no student: add [study.students.NAME] tables or pass --students a,b")
     if not tasks:

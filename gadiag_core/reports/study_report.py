@@ -75,7 +75,9 @@ def cell_view(summary: dict) -> dict:
     rank = ranks(means)
     best = min(rank, key=lambda name: (rank[name], name)) if rank else None
     interval = rows[best].get("ci_all") if best else None
-    low = interval[0] if interval and _finite(interval[0]) else None
+    if not interval or len(interval) != 2 or not all(_finite(v) for v in interval):
+        interval = None  # fewer than 2 questions: no interval, no test
+    low = interval[0] if interval else None
     oracle = (summary.get("oracle") or {}).get("all", {})
     ceiling = summary.get("rows", {}).get("noise_ceiling", {}).get("mean_all")
     return {
