@@ -6,19 +6,19 @@ user/assistant exchange; every solution is one line ending in "The answer is X."
 
     W1   yes/no comparison               Is 47 larger than 74? Answer yes or no.
     W2   the larger of two numbers       Which number is larger, 47 or 74?
-    W3   the longer of two words         Which word is longer, "cat" or "garden"?
-    W4   the earlier of two letters      Which letter comes first in the alphabet, "q" or "d"?
-    W5   first letter of a word          What is the first letter of the word "garden"?
-    W6   alphabetical order of two words Which word comes first in alphabetical order, "river" or "candle"?
-    W7   length of a word                How many letters are in the word "garden"?
+    W3   the earlier of two letters      Which letter comes first in the alphabet, "q" or "d"?
+    W4   first letter of a word          What is the first letter of the word "garden"?
+    W5   alphabetical order of two words Which word comes first in alphabetical order, "river" or "candle"?
+    W6   length of a word                How many letters are in the word "garden"?
+    W7   the longer of two words         Which word is longer, "cat" or "garden"?
     W8   next letter of the alphabet     Which letter comes right after "k" in the alphabet?
     W9   count a letter in a word        How many times does the letter "e" appear in the word "between"?
     W10  last letter of a word           What is the last letter of the word "garden"?
     W11  a three-letter word backwards   Write the word "cat" backwards.
 
-Roughly easiest first for the default student (MEASURED); the two-way choices
-(W1-W4) sit near the middle of the 0.2-0.8 range where rollouts of one
-question are sometimes right and sometimes wrong.
+Easiest first for the default student (MEASURED: W1 0.50, W2 0.46, W3 0.33,
+W4 0.21, the rest below 0.2); the two-way choices W1-W3 sit in the 0.2-0.8
+range where rollouts of one question are sometimes right and sometimes wrong.
 
 Answers are a letter, a word or a number; the verifier reads the word after the
 last "answer is" (else the last word of the completion) and compares it without
@@ -159,11 +159,11 @@ LEVELS: dict[str, Level] = {
     for level in [
         Level("W1", "isbigger", "is one two-digit number larger than another (yes/no)", _is_larger),
         Level("W2", "larger", "the larger of two two-digit numbers", _larger_number),
-        Level("W3", "longer", "the longer of two words", _longer_word),
-        Level("W4", "earlier", "which of two letters comes first in the alphabet", _earlier_letter),
-        Level("W5", "first", "first letter of a word", _first_letter),
-        Level("W6", "alpha", "which of two words comes first alphabetically", _alphabetical),
-        Level("W7", "length", "how many letters a word has", _length),
+        Level("W3", "earlier", "which of two letters comes first in the alphabet", _earlier_letter),
+        Level("W4", "first", "first letter of a word", _first_letter),
+        Level("W5", "alpha", "which of two words comes first alphabetically", _alphabetical),
+        Level("W6", "length", "how many letters a word has", _length),
+        Level("W7", "longer", "the longer of two words", _longer_word),
         Level("W8", "next", "the letter after a letter in the alphabet", _next_letter),
         Level("W9", "count", "how many times a letter appears in a word", _count_letter),
         Level("W10", "last", "last letter of a word", _last_letter),
@@ -173,11 +173,27 @@ LEVELS: dict[str, Level] = {
 
 # Pass rates of SmolLM2-135M-Instruct (the default student, Q4_1 GGUF) at
 # temperature 1, plain sampling, one worked example, max_new_tokens 64, seed 0,
-# task version 1.0: level -> (pass rate, n). Filled from
-# `python -m gadiag_tasks.measure_pass_rates --task words --samples 24 --threads 1`;
-# at n = 24 a 95% interval is about ±0.2: read these as a ladder.
-MEASURED: dict[str, tuple[float, int]] = {}
+# 24 problems per level, task version 1.0: level -> (pass rate, mean completion
+# tokens incl. EOS). Measured on 2026-11-30 with
+#   python -m gadiag_tasks.measure_pass_rates --task words --samples 24 --threads 1 --batch-size 24 \
+#       --model ~/.cache/gadiag/models/gguf-b179c9523d0e6a0f98a330c7562b6827
+# (the converted default student). At n = 24 a 95% interval is about ±0.2
+# (W1: [0.31, 0.69]; W4: [0.09, 0.40]): read these as a ladder, not exact values.
+MEASURED: dict[str, tuple[float, float]] = {
+    "W1": (0.50, 17.9),
+    "W2": (0.46, 22.9),
+    "W3": (0.33, 11.1),
+    "W4": (0.21, 20.0),
+    "W5": (0.17, 20.4),
+    "W6": (0.17, 36.8),
+    "W7": (0.12, 32.5),
+    "W8": (0.12, 15.5),
+    "W9": (0.08, 36.0),
+    "W10": (0.04, 27.6),
+    "W11": (0.00, 28.1),
+}
 
+# Three levels in the default student's 0.2-0.8 range and one at its edge.
 DEFAULT_LEVELS = ("W1", "W2", "W3", "W4")
 
 
