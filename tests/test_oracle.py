@@ -135,3 +135,20 @@ def test_oracle_summary_from_records():
     assert s["all"]["headroom"] == pytest.approx(0.4125 - 0.3)
     assert s["incorrect"]["nodes"] == 2 and s["correct"]["nodes"] == 2
     assert oracle.oracle_summary([{"question": "q", "cos": {"a": 0.1}, "correct": True}]) is None
+
+
+def test_split_half_scores_keeps_half_pairs_out_of_the_rows():
+    from gadiag_core.engine.diagnose import HALF_PAIR, split_half_scores
+
+    a = torch.tensor([0.1, 0.2])
+    scores = {
+        "t/o": a,
+        HALF_PAIR.format("t/o", 0): a + 1,
+        HALF_PAIR.format("t/o", 1): a + 2,
+        "noise_ceiling": a * 0,
+        "rl_outcome": a * 3,
+    }
+    rows, halves = split_half_scores(scores)
+    assert list(rows) == ["t/o", "noise_ceiling", "rl_outcome"]
+    assert list(halves) == ["t/o"]
+    assert torch.equal(halves["t/o"][0], a + 1) and torch.equal(halves["t/o"][1], a + 2)

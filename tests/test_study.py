@@ -171,6 +171,16 @@ def test_study_of_two_tiny_cells_resumes_after_a_kill(tmp_path, toy_model_dir):
     assert json.loads(expected["study.json"])["cells"] == ["toy × low", "toy × high"]
     assert all(expected[f"{c}/tokens.jsonl"].strip() for c in ("toy--low", "toy--high")), "no node scored: the comparison would be vacuous"
 
+    # Every token record carries each teacher row's cosine against both halves of
+    # â* (the oracle's input), and no half-scored pair leaks into the rows.
+    tokens = [json.loads(line) for line in expected["toy--low/tokens.jsonl"].decode().splitlines()]
+    for token in tokens:
+        assert set(token["cos_half"]) == {row for row in token["cos"] if "/" in row}
+        assert all(len(pair) == 2 for pair in token["cos_half"].values())
+        assert not any("@half" in row for row in token["cos"])
+    oracle = json.loads(expected["toy--low/summary.json"])["oracle"]
+    assert oracle["rows"] == ["solution/reverse_kl", "solution/sampled_token", "answer/reverse_kl", "answer/sampled_token"]
+
     # Kill the study once the first cell is finished and the second has started.
     resumed = tmp_path / "resumed"
     process = subprocess.Popen(study_cli(study_file, resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -190,3 +200,22 @@ def test_study_of_two_tiny_cells_resumes_after_a_kill(tmp_path, toy_model_dir):
     assert result.returncode == 0, result.stderr
     assert "toy × low: finished, skipped" in result.stderr
     assert study_outputs(resumed) == expected
+
+
+def test_quick_study_from_flags(tmp_path, toy_model_dir):
+    from gadiag_core.commands.study import resolve_study
+
+    base = tmp_path / "harness.toml"
+    base.write_text('[run]\ntask = "math"\nquestions = 3\n\n[task]\nlevels = ["L1"]\n')
+    plan, study_dir, configs, _, _ = resolve_study(
+        ["--students", str(toy_model_dir), "--tasks", "math,words", "--config", str(base), "--threads", "1", "--study-dir", str(tmp_path / "s")]
+    )
+    labels = list(configs)
+    assert labels == [f"{toy_model_dir} × math", f"{toy_model_dir} × words"]
+    math_cell, words_cell = configs[labels[0]], configs[labels[1]]
+    assert math_cell.task.name == "math" and math_cell.task.options.levels == ["L1"]  # the base [task] is math's
+    assert words_cell.task.name == "words" and list(words_cell.task.options.levels) == ["W1", "W2", "W3", "W4"]
+    assert math_cell.student_options.model == str(toy_model_dir) and math_cell.run.threads == 1 and math_cell.run.questions == 3
+    assert math_cell.run.run_dir.startswith(str(tmp_path / "s" / "cells"))
+    with pytest.raises(UsageError, match="study cell .* × nope"):
+        resolve_study(["--students", "x", "--tasks", "nope", "--config", str(base)])
