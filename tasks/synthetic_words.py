@@ -1,4 +1,4 @@
-"""The offline synthetic task ``words``: seeded letter, word and comparison
+"""The offline synthetic task ``wordplay``: seeded letter, word and comparison
 questions at graded difficulty — a second task family that is not arithmetic.
 
 Levels (each shown after one worked example of the same level, as a previous
@@ -23,13 +23,13 @@ range where rollouts of one question are sometimes right and sometimes wrong.
 Answers are a letter, a word or a number; the verifier reads the word after the
 last "answer is" (else the last word of the completion) and compares it without
 case, quotes or punctuation. Pass rates of the default student are in MEASURED
-(re-measure with ``python -m gadiag_tasks.measure_pass_rates --task words --samples 24``).
+(re-measure with ``python -m gadiag_tasks.measure_pass_rates --task wordplay --samples 24``).
 
 Problems cycle through the configured levels (problem i has level
 ``levels[i % len(levels)]``) and are generated from (seed, i, the level's key)
 alone, so the first n problems of a seed do not depend on the count asked for.
 
-Options (the ``[task]`` table of harness.toml, with ``run.task = "words"``):
+Options (the ``[task]`` table of harness.toml, with ``run.task = "wordplay"``):
     levels          which levels, e.g. ["W1", "W3"] or [1, 3]; default DEFAULT_LEVELS
     worked_example  show the one worked example before the question (default true)
 """
@@ -175,7 +175,7 @@ LEVELS: dict[str, Level] = {
 # temperature 1, plain sampling, one worked example, max_new_tokens 64, seed 0,
 # 24 problems per level, task version 1.0: level -> (pass rate, mean completion
 # tokens incl. EOS). Measured on 2026-11-30 with
-#   python -m gadiag_tasks.measure_pass_rates --task words --samples 24 --threads 1 --batch-size 24 \
+#   python -m gadiag_tasks.measure_pass_rates --task wordplay --samples 24 --threads 1 --batch-size 24 \
 #       --model ~/.cache/gadiag/models/gguf-b179c9523d0e6a0f98a330c7562b6827
 # (the converted default student). At n = 24 a 95% interval is about ±0.2
 # (W1: [0.31, 0.69]; W4: [0.09, 0.40]): read these as a ladder, not exact values.
@@ -205,18 +205,18 @@ def parse_levels(levels) -> tuple[str, ...]:
     try:
         items = list(levels)
     except TypeError:
-        raise UsageError(f"task 'words': option 'levels' must be a list of levels ({valid}), got {levels!r}") from None
+        raise UsageError(f"task 'wordplay': option 'levels' must be a list of levels ({valid}), got {levels!r}") from None
     if not items:
-        raise UsageError(f"task 'words': option 'levels' is empty; choose from {valid}")
+        raise UsageError(f"task 'wordplay': option 'levels' is empty; choose from {valid}")
     names = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise UsageError(f"task 'words': unknown level {item!r}; valid levels: {valid}")
+            raise UsageError(f"task 'wordplay': unknown level {item!r}; valid levels: {valid}")
         key = str(item).strip().upper()
         if not key.startswith("W"):
             key = "W" + key
         if key not in LEVELS:
-            raise UsageError(f"task 'words': unknown level {item!r}; valid levels: {valid}")
+            raise UsageError(f"task 'wordplay': unknown level {item!r}; valid levels: {valid}")
         if key not in names:
             names.append(key)
     return tuple(names)
@@ -249,7 +249,7 @@ def extract_word(completion) -> str | None:
 
 
 class SyntheticWords(Task):
-    name = "words"
+    name = "wordplay"
     # Bump when questions, solutions, worked examples or the prompt change.
     version = "1.0"
     description = "Synthetic letter, word and comparison questions at graded levels (offline, seeded)."
@@ -259,7 +259,7 @@ class SyntheticWords(Task):
     def __init__(self, levels=DEFAULT_LEVELS, worked_example: bool = True) -> None:
         self.levels = parse_levels(levels)
         if not isinstance(worked_example, bool):
-            raise UsageError(f"task 'words': option 'worked_example' must be true or false, got {worked_example!r}")
+            raise UsageError(f"task 'wordplay': option 'worked_example' must be true or false, got {worked_example!r}")
         self.worked_example = worked_example
 
     def _make(self, level: str, rng: random.Random, index: int) -> Problem:
@@ -274,7 +274,7 @@ class SyntheticWords(Task):
 
     def problems(self, count: int, seed: int) -> list[Problem]:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise UsageError(f"task 'words': the number of problems must be a non-negative integer, got {count!r}")
+            raise UsageError(f"task 'wordplay': the number of problems must be a non-negative integer, got {count!r}")
         out: list[Problem] = []
         examples = {level: self.example(level).question for level in self.levels}
         seen: dict[str, set[str]] = {level: set() for level in self.levels}
@@ -348,4 +348,4 @@ def factory(options: WordsOptions, run) -> SyntheticWords:
 
 @hookimpl
 def register_tasks(register):
-    register("words", factory, f"Synthetic letter, word and comparison questions at levels {list(LEVELS)[0]}-{list(LEVELS)[-1]} (offline, seeded).", options=WordsOptions)
+    register("wordplay", factory, f"Synthetic letter, word and comparison questions at levels {list(LEVELS)[0]}-{list(LEVELS)[-1]} (offline, seeded).", options=WordsOptions)

@@ -90,7 +90,7 @@ def test_study_plan_and_cell_config():
         "study": {
             "name": "demo",
             "students": {"small": {"model": "m1", "temperature": 0.7, "tasks": {"math": {"levels": ["L1"]}}}},
-            "tasks": {"math": {"levels": ["L1", "L2"]}, "wordy": {"task": "words", "levels": ["W1"]}},
+            "tasks": {"math": {"levels": ["L1", "L2"]}, "wordy": {"task": "wordplay", "levels": ["W1"]}},
         },
         "run": {"task": "math", "questions": 2},
         "task": {"worked_example": False},
@@ -102,7 +102,7 @@ def test_study_plan_and_cell_config():
     # the base [task] belongs to run.task (math); the study's options, then the student's own, override it
     assert math_cell["task"] == {"worked_example": False, "levels": ["L1"]}
     words_cell = cell_raw(plan, "small", "wordy", "/tmp/y")
-    assert words_cell["run"]["task"] == "words" and words_cell["task"] == {"levels": ["W1"]}
+    assert words_cell["run"]["task"] == "wordplay" and words_cell["task"] == {"levels": ["W1"]}
     assert words_cell["run"]["run_dir"] == "/tmp/y" and words_cell["run"]["questions"] == 2
     assert raw["run"].get("run_dir") is None  # the plan never edits its input
     with pytest.raises(UsageError, match="study.bogus"):
@@ -208,13 +208,13 @@ def test_quick_study_from_flags(tmp_path, toy_model_dir):
     base = tmp_path / "harness.toml"
     base.write_text('[run]\ntask = "math"\nquestions = 3\n\n[task]\nlevels = ["L1"]\n')
     plan, study_dir, configs, _, _ = resolve_study(
-        ["--students", str(toy_model_dir), "--tasks", "math,words", "--config", str(base), "--threads", "1", "--study-dir", str(tmp_path / "s")]
+        ["--students", str(toy_model_dir), "--tasks", "math,wordplay", "--config", str(base), "--threads", "1", "--study-dir", str(tmp_path / "s")]
     )
     labels = list(configs)
-    assert labels == [f"{toy_model_dir} × math", f"{toy_model_dir} × words"]
+    assert labels == [f"{toy_model_dir} × math", f"{toy_model_dir} × wordplay"]
     math_cell, words_cell = configs[labels[0]], configs[labels[1]]
     assert math_cell.task.name == "math" and math_cell.task.options.levels == ["L1"]  # the base [task] is math's
-    assert words_cell.task.name == "words" and list(words_cell.task.options.levels) == ["W1", "W2", "W3", "W4"]
+    assert words_cell.task.name == "wordplay" and list(words_cell.task.options.levels) == ["W1", "W2", "W3", "W4"]
     assert math_cell.student_options.model == str(toy_model_dir) and math_cell.run.threads == 1 and math_cell.run.questions == 3
     assert math_cell.run.run_dir.startswith(str(tmp_path / "s" / "cells"))
     with pytest.raises(UsageError, match="study cell .* × nope"):

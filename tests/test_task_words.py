@@ -1,4 +1,4 @@
-"""The synthetic `words` task: a second task family (letters, words,
+"""The synthetic `wordplay` task: a second task family (letters, words,
 comparisons), seeded, verifiable, with graded levels (no model needed)."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ def registry():
 
 
 def test_registered_with_typed_options(registry):
-    task = registry.create("task", "words", levels=["w1", 3])
-    assert task.name == "words" and task.levels == ("W1", "W3")
-    assert registry.create("task", "words").levels == DEFAULT_LEVELS
+    task = registry.create("task", "wordplay", levels=["w1", 3])
+    assert task.name == "wordplay" and task.levels == ("W1", "W3")
+    assert registry.create("task", "wordplay").levels == DEFAULT_LEVELS
     with pytest.raises(UsageError, match="W11"):  # the message lists the valid levels
-        registry.create("task", "words", levels=["W99"])
+        registry.create("task", "wordplay", levels=["W99"])
     with pytest.raises(UsageError, match="worked_exampel|worked_example"):
-        registry.create("task", "words", worked_exampel=False)
+        registry.create("task", "wordplay", worked_exampel=False)
 
 
 def test_every_level_is_measured_and_defaults_are_in_the_informative_range():
