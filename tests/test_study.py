@@ -16,7 +16,7 @@ import pytest
 
 from gadiag_core.commands.study import cell_raw, study_plan
 from gadiag_core.errors import UsageError
-from gadiag_core.reports.study_report import kendall_tau, ranks, study_matrix, universal_sentence
+from gadiag_core.reports.study_report import kendall_tau, ranks, study_html, study_markdown, study_matrix, universal_sentence
 
 
 def summary(means: dict, cis: dict | None = None, accuracy=0.5, headroom=None) -> dict:
@@ -77,6 +77,11 @@ def test_matrix_without_a_universal_row_names_the_closest():
         "No: no row is within the 95% interval of the best in every cell; the closest, x, is within it in 2 of 3 cells (not in a × words)."
     )
     assert m["mean_tau"] == pytest.approx((-1 + 1 / 3 - 1 / 3) / 3)
+    markdown = study_markdown(m, "demo")
+    assert "| x | **1 · +0.500\\*** | 3 · +0.000 | **1 · +0.500\\*** | 2/3 |" in markdown
+    assert markdown.rstrip().endswith(universal_sentence(m))
+    page = study_html(m, "demo", {"a × math": "cells/a--math/report/index.html"})
+    assert "href=\"cells/a--math/report/index.html\"" in page and "within it in 2 of 3 cells" in page
 
 
 def test_matrix_of_cells_without_intervals_says_it_cannot_decide():

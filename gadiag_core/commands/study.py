@@ -7,7 +7,8 @@ same teachers and objectives, and one report over the grid (DESIGN §6).
 Each cell is an ordinary, resumable run directory, STUDY_DIR/cells/<student>--<task>/:
 a killed study resumes where it stopped (rerun the same command), and a
 finished cell (summary.json written) is skipped. The report (terminal,
-STUDY_DIR/study.json and STUDY_DIR/report.html) is built from the cells'
+STUDY_DIR/study.json, STUDY_DIR/report.html and STUDY_DIR/findings.md, the
+same as Markdown) is built from the cells'
 summaries by gadiag_core.reports.study_report.
 
 STUDY.toml is a harness.toml (its [run], [student], [sampler], [estimator],
@@ -223,7 +224,7 @@ def cell_summaries(configs: dict) -> dict:
 
 def write_report(study_dir: Path, plan: dict, configs: dict, console=None) -> dict:
     """Build the matrix from the cells' summaries, print it, write study.json and report.html."""
-    from gadiag_core.reports.study_report import print_study, study_html, study_matrix
+    from gadiag_core.reports.study_report import print_study, study_html, study_markdown, study_matrix
     from gadiag_core.store.rundir import RunDir
 
     summaries = cell_summaries(configs)
@@ -235,6 +236,7 @@ def write_report(study_dir: Path, plan: dict, configs: dict, console=None) -> di
     RunDir(study_dir).write_json("study.json", matrix)
     links = {label: str(Path(configs[label].run.run_dir).relative_to(study_dir) / "report" / "index.html") for label in order}
     (study_dir / "report.html").write_text(study_html(matrix, title, links), encoding="utf-8")
+    (study_dir / "findings.md").write_text(study_markdown(matrix, title), encoding="utf-8")
     print_study(matrix, title, console)
     return matrix
 

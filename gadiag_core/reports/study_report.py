@@ -97,7 +97,17 @@ def cell_view(summary: dict) -> dict:
         "oracle_headroom": oracle.get("headroom"),
         "oracle_headroom_ci": oracle.get("headroom_ci"),
         "switch_rate": (summary.get("oracle") or {}).get("switch_rate"),
+        # Question 1 of the paper: rows better aligned on incorrect than on correct rollouts.
+        "incorrect_better": _incorrect_better(rows),
     }
+
+
+def _incorrect_better(rows: dict) -> str | None:
+    """'k/n': of the n rows scored on both splits, k align better on incorrect rollouts."""
+    both = [row for row in rows.values() if _finite(row.get("mean_incorrect")) and _finite(row.get("mean_correct"))]
+    if not both:
+        return None
+    return f"{sum(row['mean_incorrect'] > row['mean_correct'] for row in both)}/{len(both)}"
 
 
 def study_matrix(cells: dict[str, dict], order: list[str] | None = None) -> dict:
@@ -193,15 +203,28 @@ def study_table(matrix: dict, title: str = "study"):
             cells.append(f"[bold]{text}[/bold]" if name == view["best"] else text)
         table.add_row(name, *cells, f"{len(matrix['coverage'][name])}/{len(matrix['cells_with_interval'])}")
     table.add_section()
-    for key, label_text, fmt in (
-        ("best", "best row", None),
-        ("best_ci", "its 95% CI", "ci"),
-        ("accuracy", "accuracy", "{:.0%}"),
-        ("noise_ceiling", "noise ceiling", "{:+.2f}"),
-        ("oracle_headroom", "oracle headroom", "{:+.3f}"),
-        ("oracle_headroom_ci", "its 95% CI", "ci"),
-        ("switch_rate", "best-row switch rate", "{:.0%}"),
-    ):
+    for label_text, values in fact_rows(matrix):
+        table.add_row(label_text, *values, "", style="dim")
+    return table
+
+
+# Per-cell facts under the matrix: (key of cell_view, label, format; None = text, "ci" = interval)
+FACTS = (
+    ("best", "best row", None),
+    ("best_ci", "its 95% CI", "ci"),
+    ("accuracy", "accuracy", "{:.0%}"),
+    ("nodes", "scored nodes", "{:.0f}"),
+    ("noise_ceiling", "noise ceiling", "{:+.2f}"),
+    ("incorrect_better", "rows better on incorrect", None),
+    ("oracle_headroom", "oracle headroom", "{:+.3f}"),
+    ("oracle_headroom_ci", "its 95% CI", "ci"),
+    ("switch_rate", "best-row switch rate", "{:.0%}"),
+)
+
+
+def fact_rows(matrix: dict) -> list[tuple[str, list[str]]]:
+    out = []
+    for key, label_text, fmt in FACTS:
         values = []
         for label in matrix["cells"]:
             value = matrix["view"][label].get(key)
@@ -211,8 +234,31 @@ def study_table(matrix: dict, title: str = "study"):
                 values.append(_interval(value))
             else:
                 values.append(num(value, fmt))
-        table.add_row(label_text, *values, "", style="dim")
-    return table
+        out.append((label_text, values))
+    return out
+
+
+def study_markdown(matrix: dict, title: str) -> str:
+    """The report as Markdown (STUDY_DIR/findings.md), for a README or a note."""
+    lines = [f"**{title}**", "", "| teacher/objective | " + " | ".join(matrix["cells"]) + " | within best |"]
+    lines.append("| --- | " + " | ".join("---:" for _ in matrix["cells"]) + " | ---: |")
+    for name in matrix["rows"]:
+        cells = []
+        for label in matrix["cells"]:
+            view = matrix["view"][label]
+            rank = view["ranks"].get(name)
+            if rank is None:
+                cells.append("–")
+                continue
+            text = f"{rank} · {num(view['means'][name])}" + ("\\*" if name in view["within"] else "")
+            cells.append(f"**{text}**" if name == view["best"] else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(matrix['coverage'][name])}/{len(matrix['cells_with_interval'])} |")
+    for label_text, values in fact_rows(matrix):
+        lines.append(f"| *{label_text}* | " + " | ".join(values) + " | |")
+    lines += ["", "rank · mean per-token alignment; bold: the best row of the cell; \\*: within its 95% interval.", ""]
+    lines += tau_lines(matrix)
+    lines += ["", universal_sentence(matrix), ""]
+    return "\n".join(lines)
 
 
 def tau_lines(matrix: dict) -> list[str]:
@@ -258,17 +304,10 @@ def study_html(matrix: dict, title: str, links: dict[str, str] | None = None) ->
             style += "background:#e3f4e8;" if name in view["within"] else ""
             cells.append(f"<td style=\"{style}\">{rank} · {num(view['means'][name])}</td>")
         body_rows.append(f"<tr><td class=\"l\">{esc(name)}</td>{''.join(cells)}<td>{len(matrix['coverage'][name])}/{len(matrix['cells_with_interval'])}</td></tr>")
-    facts = []
-    for key, label_text, fmt in (
-        ("best", "best row", None), ("best_ci", "its 95% CI", "ci"), ("accuracy", "accuracy", "{:.0%}"),
-        ("noise_ceiling", "noise ceiling", "{:+.2f}"), ("oracle_headroom", "oracle headroom", "{:+.3f}"),
-        ("oracle_headroom_ci", "its 95% CI", "ci"), ("switch_rate", "best-row switch rate", "{:.0%}"),
-    ):
-        values = []
-        for label in matrix["cells"]:
-            value = matrix["view"][label].get(key)
-            values.append(esc(value or "–") if fmt is None else _interval(value) if fmt == "ci" else num(value, fmt))
-        facts.append(f"<tr class=\"dim\"><td class=\"l\">{label_text}</td>{''.join(f'<td>{v}</td>' for v in values)}<td></td></tr>")
+    facts = [
+        f"<tr class=\"dim\"><td class=\"l\">{label_text}</td>{''.join(f'<td>{esc(v)}</td>' for v in values)}<td></td></tr>"
+        for label_text, values in fact_rows(matrix)
+    ]
     taus = "".join(f"<li>{esc(line)}</li>" for line in tau_lines(matrix))
     css = (
         "body{font:14px/1.45 system-ui,sans-serif;margin:18px 28px;max-width:1400px}table{border-collapse:collapse}"
