@@ -183,8 +183,23 @@ def test_study_of_two_tiny_cells_resumes_after_a_kill(tmp_path, toy_model_dir):
         assert set(token["cos_half"]) == {row for row in token["cos"] if "/" in row}
         assert all(len(pair) == 2 for pair in token["cos_half"].values())
         assert not any("@half" in row for row in token["cos"])
-    oracle = json.loads(expected["toy--low/summary.json"])["oracle"]
+    cell_summary = json.loads(expected["toy--low/summary.json"])
+    oracle = cell_summary["oracle"]
     assert oracle["rows"] == ["solution/reverse_kl", "solution/sampled_token", "answer/reverse_kl", "answer/sampled_token"]
+    # ... and the cell's leaderboard shows the oracle rows and says what they found.
+    from io import StringIO
+
+    from rich.console import Console
+
+    from gadiag_core.reports.leaderboard import print_leaderboard
+
+    buffer = StringIO()
+    print_leaderboard(cell_summary, Console(file=buffer, width=220))
+    printed = buffer.getvalue()
+    if "oracle" in oracle.get("all", {}):
+        assert "oracle ½" in printed and "best single ½" in printed and "headroom" in printed and "switch" in printed
+    else:  # too few usable nodes for an oracle: no rows, no claims
+        assert "oracle ½" not in printed
 
     # Kill the study once the first cell is finished and the second has started.
     resumed = tmp_path / "resumed"

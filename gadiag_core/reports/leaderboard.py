@@ -117,7 +117,8 @@ def oracle_lines(summary: dict) -> list[str]:
     wins = ", ".join(f"{row} {count}" for row, count in list(oracle.get("wins", {}).items())[:4])
     top = ", ".join(f"{row} {count}" for row, count in list(oracle.get("question_top", {}).items())[:4])
     return [
-        f"½ split-half: chosen on one half of the ideal estimate, scored on the other. "
+        f"½ split-half: chosen on one half of the ideal estimate, scored on the other "
+        f"(incorrect/correct columns: chosen within that split). "
         f"Per-token oracle over {len(oracle['rows'])} rows: {num(a['oracle'])} vs best single row {a['best_single']} "
         f"{num(a['single'])} (both split-half) — headroom {num(a['headroom'], '{:+.3f}')} [{_interval(a.get('headroom_ci'))}]; "
         f"picking and scoring on the same half would claim {num(a['same_half_headroom'], '{:+.3f}')}",
