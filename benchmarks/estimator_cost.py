@@ -403,7 +403,7 @@ def toy_allocation_bound(env, epsilon: float = 0.05, mass: float = 0.9, k: int =
     default screening and candidates (teachers' picks and the sampled token
     included) and the exact Q; c = the longest continuation from the node
     (toy rollouts rarely end before their limit). Returns (bound, pairs)."""
-    from gadiag_plugins.estimation.targeted import _column_norms, candidate_tokens, select_nodes
+    from gadiag_plugins.estimation.common import _column_norms, candidate_tokens, select_nodes
 
     pairs = []
     for r in env.rollouts:
@@ -428,7 +428,8 @@ def toy_allocation_bound(env, epsilon: float = 0.05, mass: float = 0.9, k: int =
 
 def section_toy(args):
     from gadiag_tasks.toy_env import build_environment
-    from gadiag_plugins.estimation.targeted import TargetedEstimator, UniformEstimator
+    from gadiag_plugins.estimation.targeted import TargetedEstimator
+    from gadiag_plugins.estimation.uniform import UniformEstimator
 
     env = build_environment()
     rows = objective_rows(env)
@@ -457,7 +458,8 @@ DIFFUSE = dict(decisions=6, tolerance=1, good=(0.55, 0.9))  # 6 decisions, one m
 
 
 def section_chain(args):
-    from gadiag_plugins.estimation.targeted import TargetedEstimator, UniformEstimator
+    from gadiag_plugins.estimation.targeted import TargetedEstimator
+    from gadiag_plugins.estimation.uniform import UniformEstimator
 
     ms_u = (8, 16, 32) if args.quick else (8, 16, 32, 64)
     ms_t = (4, 8, 16) if args.quick else (4, 8, 16, 32)
@@ -481,7 +483,8 @@ def section_chain(args):
 
 
 def section_length(args):
-    from gadiag_plugins.estimation.targeted import TargetedEstimator, UniformEstimator
+    from gadiag_plugins.estimation.targeted import TargetedEstimator
+    from gadiag_plugins.estimation.uniform import UniformEstimator
 
     horizons = (32, 64, 128, 256) if args.quick else (32, 64, 128, 256, 512)
     problems = 4 if args.quick else 8
@@ -521,7 +524,8 @@ def section_student(args):
     """Default student against a high-budget uniform reference."""
     from gadiag_plugins.students.hf import load_lm
     from gadiag_core.scoring import noise
-    from gadiag_plugins.estimation.targeted import TargetedEstimator, UniformEstimator
+    from gadiag_plugins.estimation.targeted import TargetedEstimator
+    from gadiag_plugins.estimation.uniform import UniformEstimator
     from gadiag_plugins.sampling.prefix import PrefixSampler
     from gadiag_tasks.synthetic_math import factory
 
@@ -552,7 +556,7 @@ def section_student(args):
 
     m_ref = 64  # a noisier reference cannot resolve small errors (with M=16 the noise-corrected error of good estimates went to 0)
     ref_est = UniformEstimator(continuations=m_ref)
-    from gadiag_plugins.estimation.targeted import _column_norms
+    from gadiag_plugins.estimation.common import _column_norms
 
     refs = []
     ref_tokens = 0

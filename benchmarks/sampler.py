@@ -186,7 +186,8 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     from gadiag_plugins.students.hf import load_lm
-    from gadiag_plugins.sampling.prefix import BatchedSampler, PrefixSampler
+    from gadiag_plugins.sampling.batched import BatchedSampler
+    from gadiag_plugins.sampling.prefix import PrefixSampler
 
     load_before = load_average()
     lm = load_lm(args.model)
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
     roof_before = gemm_roofline(config.hidden_size, config.intermediate_size, config.vocab_size)
 
     # One-off per model: fused and (on CPU, fp32) oneDNN-packed weights, kept with the model.
-    from gadiag_plugins.sampling.prefix import _Arch
+    from gadiag_plugins.sampling.llama_decoder import _Arch
 
     arch = _Arch.of(lm.model)
     with Clock() as packing:

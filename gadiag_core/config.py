@@ -25,7 +25,6 @@ to diagnose). Samplers still accept 0 internally, for greedy checks in tests.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -66,6 +65,7 @@ class RunOptions:
     space: str = option("logits", "gradient space: logits, hidden, params, params:last<N>, params:re:<regex>", check=_check_space)
     plugins_dirs: list[str] = option([], "folders of loose plugin files")
     threads: int = option(0, "torch CPU threads (0 = all cores)", min=0, max=1024)
+    in_flight: int = option(8, "rollouts diagnosed together: their continuation requests share sampler calls (1 = one after another)", min=1, max=4096)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,6 @@ class StudentKeys:
     max_new_tokens: int = option(64, "generation limit of rollouts and of continuations from a node", min=1, max=65_536)
 
 
-RUN_KEYS = [f.name for f in fields(RunOptions)]
 STUDENT_KEYS = [f.name for f in fields(StudentKeys)]
 TABLES = ("run", "student", "task", "sampler", "estimator", "objectives", "teachers")
 
@@ -184,7 +183,7 @@ def validate(raw: dict, registry) -> RunConfig:
         if key not in backend_fields:
             known = STUDENT_KEYS + backend_fields
             raise UsageError(f"unknown key student.{key} in config.{did_you_mean(str(key), known)} Keys of [student]: {', '.join(known)}")
-    student_options = registry.options("student", keys.backend, backend_raw)
+    student_options = build_options(registry.get("student", keys.backend).options, backend_raw, "[student]")
 
     task = Choice(run.task, registry.options("task", run.task, _table(raw, "task")))
     sampler_name, sampler_raw = _split_name(_table(raw, "sampler"), "sampler", "prefix")
@@ -197,6 +196,7 @@ def validate(raw: dict, registry) -> RunConfig:
         registry.get("objective", name)
         if not isinstance(table, dict):
             raise UsageError(f"[objectives.{name}] must be a table of options, got {table!r}")
+        registry.options("objective", name, table)  # checked even when not scored this run
     objective_names = registry.resolve("objective", run.objectives)
     objectives = {name: Choice(name, registry.options("objective", name, objective_tables.get(name, {}))) for name in objective_names}
 
@@ -315,7 +315,3 @@ def to_toml(config: dict) -> str:
     import tomli_w
 
     return tomli_w.dumps(config)
-
-
-def _finite(value) -> bool:
-    return not (isinstance(value, float) and not math.isfinite(value))

@@ -9,13 +9,28 @@ one fails at start-up (``PluginManager.check_pending``).
 The ``register_*`` hooks are all called once, when the registry is built (at
 the start of every command), each with a ``register`` callback::
 
-    register(name, factory, description="")
+    register(name, factory, description="", options=None)
 
 ``name`` is what users type (``--task NAME``, ``--teachers A,B``); the core
-rejects a name already taken and names both plugins. ``factory`` is called
-later, only for the components a run uses, with the keyword arguments listed
-under each hook; it returns an instance of the interface in
-``gadiag_core.interfaces``.
+rejects a name already taken and names both plugins. ``options`` is a frozen
+dataclass of ``gadiag_core.options.option`` fields (type, default, help,
+range): the registry checks the user's settings against it ("did you mean",
+types, ranges) before anything loads, and ``gadiag-harness list KIND NAME``
+prints it. ``factory`` is called later, only for the components a run uses,
+always as::
+
+    factory(options, run)
+
+with ``options`` the checked dataclass instance (an empty one when the plugin
+declares none) and ``run`` the ``gadiag_core.interfaces.RunContext`` (seed,
+rollouts_total, max_new_tokens, temperature, dtype, the loaded student, and
+``run.context(name)`` to build a context). It returns an instance of the
+interface in ``gadiag_core.interfaces`` named under each hook. A factory that
+raises ValueError reports an out-of-range setting (shown as one line naming
+the plugin); one that returns None is refused.
+
+Keep the module that registers light: import torch and model code inside the
+factory, so ``gadiag-harness list`` and ``--help`` stay fast.
 """
 
 import pluggy
@@ -25,66 +40,69 @@ hookspec = pluggy.HookspecMarker("gadiag")
 
 @hookspec
 def register_tasks(register):
-    """Register tasks. Called once when the registry is built.
+    """Register tasks (``Task``). Called once when the registry is built.
 
-    ``factory(**options) -> Task``; ``options`` are the keys of the
-    ``[task]`` table of harness.toml (for example ``levels``)."""
+    Options come from the ``[task]`` table of harness.toml (e.g. ``levels``)."""
 
 
 @hookspec
 def register_students(register):
-    """Register student back-ends. Called once when the registry is built.
+    """Register student back-ends (``Student``). Called once when the registry is built.
 
-    ``factory(model, temperature, dtype, **options) -> Student``; ``model`` is
-    an alias, a Hugging Face id, a local directory or a ``.gguf`` file."""
+    Options are the ``[student]`` keys other than backend, temperature and
+    max_new_tokens (e.g. ``model``, ``dtype``); the factory reads the
+    temperature from ``run.temperature``."""
 
 
 @hookspec
 def register_contexts(register):
-    """Register teacher context builders. Called once when the registry is built.
+    """Register teacher context builders (``ContextBuilder``). Called once when
+    the registry is built.
 
-    ``factory() -> ContextBuilder``. A context turns (problem, rollouts) into
-    the chat messages a teacher sees before the student's generated tokens."""
+    A context turns (problem, rollouts) into the messages a teacher sees before
+    the student's generated tokens; teachers build theirs with ``run.context(name)``."""
 
 
 @hookspec
 def register_teachers(register):
-    """Register teachers. Called once when the registry is built.
+    """Register teachers (``Teacher``) that need no configuration. Called once
+    when the registry is built.
 
-    ``factory(student, contexts) -> Teacher``: ``student`` is the loaded
-    Student (self-distillation teachers reuse its model), ``contexts`` maps
-    context names to factories. Teachers defined in harness.toml
-    (``[teachers.NAME]``) are added by the core and need no hook."""
+    ``run.student`` is the loaded student (self-distillation teachers reuse its
+    model). Teachers that need settings are teacher types (below)."""
 
 
 @hookspec
 def register_teacher_types(register):
-    """Register teacher types: kinds of teacher that harness.toml instantiates
-    by name. Called once when the registry is built.
+    """Register teacher types (``Teacher``): kinds of teacher that harness.toml
+    instantiates by name. Called once when the registry is built.
 
     ``[teachers.NAME] type = "TYPE"`` (default ``model``) with the other keys
-    as the type's options builds one teacher called NAME:
-    ``factory(options, run) -> Teacher``."""
+    as the type's options builds one teacher called NAME."""
 
 
 @hookspec
 def register_objectives(register):
-    """Register distillation objectives. Called once when the registry is built.
+    """Register distillation objectives (``Objective``). Called once when the
+    registry is built.
 
-    ``factory(**options) -> Objective``."""
+    Options come from ``[objectives.NAME]`` (e.g. ``[objectives.jsd] beta = 0.9``).
+    An objective that also defines ``loss(...)`` is checked against autograd
+    by ``gadiag-harness selfcheck``."""
 
 
 @hookspec
 def register_samplers(register):
-    """Register rollout samplers. Called once when the registry is built.
+    """Register rollout samplers (``RolloutSampler``). Called once when the
+    registry is built.
 
-    ``factory(**options) -> RolloutSampler``; ``options`` are the keys of the
-    ``[sampler]`` table other than ``name``."""
+    Options are the keys of the ``[sampler]`` table other than ``name``."""
 
 
 @hookspec
 def register_estimators(register):
-    """Register ideal-gradient estimators. Called once when the registry is built.
+    """Register ideal-gradient estimators (``GradientEstimator``). Called once
+    when the registry is built.
 
-    ``factory(**options) -> GradientEstimator``; ``options`` are the keys of
-    the ``[estimator]`` table other than ``name``."""
+    Options are the keys of the ``[estimator]`` table other than ``name``; run
+    budgets are shared over ``run.rollouts_total`` rollouts."""

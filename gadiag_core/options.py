@@ -127,71 +127,63 @@ class _Bad(ValueError):
     """A value of the wrong type (message: what was expected)."""
 
 
+def _coerce_scalar(value, tp):
+    """`value` as bool, int, float or str; numeric and boolean text (from the
+    command line) is read; an int is accepted where a float is declared."""
+    if isinstance(value, bool) and tp is not bool:
+        raise _Bad({int: "an integer", float: "a number", str: "a string"}.get(tp, type_name(tp)))
+    if tp is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if isinstance(value, bool):
+            return value
+        raise _Bad("true or false")
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        parse = int
+    elif tp is float:
+        if isinstance(value, int):
+            return float(value)
+        parse = float
+    else:
+        parse = None
+    if isinstance(value, tp):
+        return value
+    if parse is not None and isinstance(value, str):
+        try:
+            return parse(value.strip())
+        except ValueError:
+            pass
+    raise _Bad({int: "an integer", float: "a number", str: "a string"}.get(tp, type_name(tp)))
+
+
 def _coerce(value, tp):
-    """`value` as type `tp`, or _Bad. Accepts ints for floats and, for values
-    typed on the command line, numeric and boolean text."""
+    """`value` as type `tp` (Any, a scalar, Optional/Union, list of …), or _Bad."""
     if tp is Any or tp is object:
         return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and type(None) in args):
-            if type(None) in args:
-                return None
-        errors = []
+        text_none = isinstance(value, str) and value.strip().lower() in ("none", "null")
+        if type(None) in args and (value is None or text_none):
+            return None
         for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except _Bad as exc:
-                errors.append(str(exc))
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg)
+                except _Bad:
+                    pass
         raise _Bad(type_name(tp))
     if origin in (list, tuple) or tp in (list, tuple):
         item = args[0] if args else Any
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
-            raise _Bad(type_name(tp))
+            raise _Bad("a " + type_name(tp))
         return [_coerce(v, item) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        raise _Bad("true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Bad("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise _Bad("an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Bad("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise _Bad("a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Bad("a string")
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise _Bad(type_name(tp))
+    if tp in (bool, int, float, str) or isinstance(tp, type):
+        return _coerce_scalar(value, tp)
     return value
 
 

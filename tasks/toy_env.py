@@ -224,7 +224,7 @@ def build_environment(
 
         task = ToyTask()
     if sampler is None:
-        from gadiag_plugins.sampling.prefix import BatchedSampler
+        from gadiag_plugins.sampling.batched import BatchedSampler
 
         sampler = BatchedSampler(batch_size=512)
     from gadiag_plugins.estimation.exact import enumerate_tree

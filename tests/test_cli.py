@@ -95,7 +95,7 @@ def test_list_prints_tables(capsys):
         (["--task", "maht"], "unknown task 'maht'. Did you mean 'math'?"),
         (["--teachers", "solution,anwser"], "unknown teacher 'anwser'. Did you mean 'answer'?"),
         (["--model", "/nonexistent/model"], "/nonexistent/model"),
-        (["--questions", "0"], "run.questions = 0 is out of range"),
+        (["--questions", "0"], "run.questions = 0 must be ≥ 1"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     ],
 )
@@ -118,7 +118,7 @@ def test_malformed_config_names_the_key(tmp_path, capsys):
 
     bad.write_text("[run]\nquestions = 'three'\n")
     code, _, err = run_cli(capsys, "--config", str(bad))
-    assert code == 2 and "run.questions must be an integer" in err
+    assert code == 2 and "run.questions = 'three' must be an integer" in err
 
     bad.write_text("[run\nquestions = 3\n")
     code, _, err = run_cli(capsys, "--config", str(bad))
@@ -135,3 +135,26 @@ def test_cross_tokenizer_teacher_is_refused(tmp_path, tiny_model_dir, capsys):
     code, _, err = run_cli(capsys, "--config", str(config), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path))
     assert code == 2
     assert "cross-tokenizer teachers are not supported yet" in err
+
+
+def test_set_objective_option_reaches_the_objective_and_the_leaderboard(tmp_path, toy_model_dir, capsys):
+    """`--set objectives.jsd.beta=0.9`: the jsd rows use β = 0.9 (config.toml and
+    the leaderboard say so), and the vectors differ from β = 0.5."""
+    from gadiag_core.config import load_toml
+
+    config = tmp_path / "harness.toml"
+    config.write_text(TOY_CONFIG)
+    means = {}
+    for beta in ("0.9", "0.1"):
+        run_dir = tmp_path / f"run-{beta}"
+        code, out, err = run_cli(
+            capsys, "--config", str(config), "--model", str(toy_model_dir), "--run-dir", str(run_dir),
+            "--teachers", "solution", "--objectives", "jsd", "--set", f"objectives.jsd.beta={beta}",
+        )
+        assert code == 0, err
+        assert f"jsd (beta={beta})" in out
+        assert load_toml(run_dir / "config.toml")["objectives"]["jsd"]["beta"] == float(beta)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["objective_options"] == {"jsd": {"beta": float(beta)}}
+        means[beta] = summary["rows"]["solution/jsd"]["mean_all"]
+    assert means["0.9"] is not None and means["0.1"] is not None and means["0.9"] != means["0.1"]

@@ -25,12 +25,9 @@ import torch
 from gadiag_core.scoring import noise
 from gadiag_core.errors import UsageError
 from gadiag_core.scoring.vectors import ideal_vector_on_candidates
-from gadiag_plugins.estimation.targeted import (
-    ContinuationPool,
-    TargetedEstimator,
-    TargetedNodeEstimate,
-    UniformEstimator,
-)
+from gadiag_plugins.estimation.common import ContinuationPool, TargetedNodeEstimate
+from gadiag_plugins.estimation.targeted import TargetedEstimator
+from gadiag_plugins.estimation.uniform import UniformEstimator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from estimator_cost import ChainEnvironment  # noqa: E402
@@ -69,7 +66,7 @@ def test_reuse_does_not_bias_q(toy):
         rare = [int(r.exact_probs[t].argmin()) for t in range(T)]
         plans = [pool.plan_free(t) for t in range(T) for _ in range(240)]
         plans += [pool.plan_forced(t, rare[t], m % 2) for t in range(T) for m in range(160)]
-        pool.run(plans)
+        pool.run_now(plans)
         for t in range(T):
             for k in range(r.exact_q.shape[-1]):
                 cids = pool.q_samples(t, k)

@@ -370,11 +370,14 @@ def test_chatless_tokenizer_is_a_usage_error(tiny_lm):
 def test_student_plugin(tiny_model_dir):
     from gadiag_plugins import students
 
+    from gadiag_core.interfaces import RunContext
+    from gadiag_core.registry import load_registry
+
     registered = {}
-    students.register_students(lambda name, factory, description="": registered.setdefault(name, (factory, description)))
-    factory, description = registered["hf"]
+    students.register_students(lambda name, factory, description="", options=None: registered.setdefault(name, (factory, description, options)))
+    factory, description, options = registered["hf"]
     assert "GGUF" in description
-    lm = factory(model=str(tiny_model_dir), temperature=0.5, dtype="float32")
+    lm = factory(options(model=str(tiny_model_dir), dtype="float32"), RunContext(temperature=0.5))
     assert isinstance(lm, HFCausalLM) and lm.temperature == 0.5 and lm.name == str(tiny_model_dir)
     with pytest.raises(UsageError, match="'top_k'"):
-        factory(model=str(tiny_model_dir), top_k=5)
+        load_registry().create("student", "hf", model=str(tiny_model_dir), top_k=5)

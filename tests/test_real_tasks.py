@@ -12,7 +12,6 @@ import pytest
 
 from gadiag_core.errors import UsageError
 from gadiag_core.registry import load_registry
-from gadiag_tasks import real_math
 from gadiag_tasks.real_math import GSM8K, JsonlTask, Math500, gsm8k_answer, gsm8k_solution
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -81,10 +80,11 @@ def test_tasks_register_through_entry_points():
 
 
 def test_unknown_option_is_named():
+    registry = load_registry()
     with pytest.raises(UsageError, match="task 'gsm8k' has no option 'levels'"):
-        real_math.gsm8k_factory(levels=[1])
-    with pytest.raises(UsageError, match="'question_feild'"):
-        real_math.jsonl_factory(data="x.jsonl", question_feild="q")
+        registry.create("task", "gsm8k", levels=[1])
+    with pytest.raises(UsageError, match="'question_feild'. Did you mean 'question_field'"):
+        registry.create("task", "jsonl", data="x.jsonl", question_feild="q")
 
 
 # ----------------------------------------------------------------------------
@@ -233,8 +233,8 @@ def test_jsonl_task_with_named_fields(tmp_path):
         {"q": "What is 2 + 2?", "a": "4", "s": "\\boxed{4}", "key": "p2"},
     ]
     path = write_jsonl(tmp_path / "mine.jsonl", rows)
-    task = real_math.jsonl_factory(
-        data=str(path), question_field="q", answer_field="a", solution_field="s", id_field="key",
+    task = load_registry().create(
+        "task", "jsonl", data=str(path), question_field="q", answer_field="a", solution_field="s", id_field="key",
         prompt="Q: {question}\nAnswer in \\boxed{{}}.", shuffle=False,
     )
     problems = task.problems(2, seed=0)

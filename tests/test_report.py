@@ -35,7 +35,7 @@ class Words(SyntheticMath):
 
 @hookimpl
 def register_tasks(register):
-    register("words", lambda **options: Words(levels=["L4"], **options), "word problems only (test plugin)")
+    register("words", lambda options, run: Words(levels=["L4"]), "word problems only (test plugin)")
 '''
 
 

@@ -47,7 +47,14 @@ def reference(tmp_path_factory, toy_model_dir):
 
 
 def read_outputs(run_dir):
-    return {name: (run_dir / name).read_bytes() for name in OUTPUT_FILES}
+    """The output files' bytes; summary.json without its "throughput" block
+    (sampler timings of the session that wrote it, which no two runs share)."""
+    out = {name: (run_dir / name).read_bytes() for name in OUTPUT_FILES}
+    summary = json.loads(out["summary.json"])
+    assert "throughput" in summary
+    summary.pop("throughput")
+    out["summary.json"] = json.dumps(summary, sort_keys=True).encode()
+    return out
 
 
 def test_same_config_and_seed_give_identical_records(reference, toy_model_dir, tmp_path):

@@ -11,7 +11,11 @@ import torch
 from conftest import make_tiny_lm
 from gadiag_core.interfaces import ContinuationRequest
 from gadiag_core.registry import load_registry
-from gadiag_plugins.sampling.prefix import BatchedSampler, PrefixSampler, _Arch, _auto_threads, _draw, _draw_fast
+from gadiag_plugins.sampling.batched import BatchedSampler
+from gadiag_plugins.sampling.draw import _draw, _draw_fast
+from gadiag_plugins.sampling.llama_decoder import _Arch
+from gadiag_plugins.sampling.prefix import PrefixSampler
+from gadiag_plugins.sampling.threads import _auto_threads
 
 EOS = 3  # <|im_end|> of the tiny tokenizer
 

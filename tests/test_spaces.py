@@ -13,10 +13,10 @@ import torch
 
 from conftest import make_tiny_lm
 from gadiag_core.errors import UsageError
+from gadiag_core.scoring.space_spec import check_space
 from gadiag_core.scoring.spaces import (
     GRAD_MEMORY_ENV,
     alignment_scores,
-    check_space,
     parse_bytes,
     select_parameters,
     space_description,

@@ -8,7 +8,15 @@ from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import Problem, Task
 from gadiag_tasks import synthetic_math
 from gadiag_tasks.answers import extract_answer, integer_answer_matches, parse_int
-from gadiag_tasks.synthetic_math import DEFAULT_LEVELS, LEVELS, factory
+from gadiag_core.registry import load_registry
+from gadiag_tasks.synthetic_math import DEFAULT_LEVELS, LEVELS
+
+REGISTRY = load_registry()
+
+
+def factory(**options):
+    """The task as harness.toml's [task] table builds it (options checked by the registry)."""
+    return REGISTRY.create("task", "math", **options)
 
 ALL = list(LEVELS)
 
@@ -27,9 +35,9 @@ def _problem(answer: str) -> Problem:
 
 def test_registers_math_task():
     seen = {}
-    synthetic_math.register_tasks(register=lambda name, fac, desc="": seen.update({name: (fac, desc)}))
+    synthetic_math.register_tasks(register=lambda name, fac, desc="", options=None: seen.update({name: (fac, desc, options)}))
     assert set(seen) == {"math"}
-    built = seen["math"][0]()
+    built = seen["math"][0](seen["math"][2](), None)
     assert isinstance(built, Task)
     assert built.name == "math" and built.version and seen["math"][1]
     assert built.levels == tuple(DEFAULT_LEVELS)

@@ -7,6 +7,9 @@ import math
 import pluggy
 import pytest
 import torch
+
+from gadiag_core.errors import UsageError
+from gadiag_core.options import build_options
 import torch.nn.functional as F
 
 from gadiag_core import hookspecs
@@ -346,7 +349,7 @@ def test_masked_student_logits_give_no_nan():
 
 
 def test_objectives_plugin_registers_and_matches():
-    import gadiag_plugins.objectives.forms as plugin_module
+    import gadiag_plugins.objectives as plugin_module
 
     pm = pluggy.PluginManager("gadiag")
     pm.add_hookspecs(hookspecs)
@@ -354,10 +357,11 @@ def test_objectives_plugin_registers_and_matches():
     pm.check_pending()
     registered = {}
 
-    def register(name, factory, description=""):
+    def register(name, factory, description="", options=None):
         assert name not in registered
         assert description
-        registered[name] = factory
+        owner = f"objective {name!r}"
+        registered[name] = lambda _f=factory, _o=options, _owner=owner, **raw: _f(build_options(_o, raw, _owner), None)
 
     pm.hook.register_objectives(register=register)
     assert set(registered) == {"reverse_kl", "sampled_token", "forward_kl", "jsd", "topk_reverse_kl"}
@@ -382,9 +386,9 @@ def test_objectives_plugin_registers_and_matches():
     torch.testing.assert_close(jsd.vector(z, logp, y, tau), vec.jsd_vector(z, logp, tau, 0.2), rtol=0, atol=0)
     topk = registered["topk_reverse_kl"](k=3)
     torch.testing.assert_close(topk.vector(z, logp, y, tau), vec.topk_reverse_kl_vector(z, logp, tau, 3), rtol=0, atol=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="beta = -0.1 must be ≥ 0"):
         registered["jsd"](beta=-0.1)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="k = 0 must be ≥ 1"):
         registered["topk_reverse_kl"](k=0)
-    with pytest.raises(TypeError):
+    with pytest.raises(UsageError, match="objective 'reverse_kl' has no option 'beta'"):
         registered["reverse_kl"](beta=0.3)

@@ -12,8 +12,6 @@ written so far, and says so.
 
 from __future__ import annotations
 
-from gadiag_core.reports.format import num  # noqa: E402
-
 import argparse
 import math
 
@@ -22,8 +20,8 @@ from rich.table import Table
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.commands.common import ArgumentParser
-from gadiag_core.errors import UsageError
 from gadiag_core.store.records import Run, load_run
+from gadiag_core.reports.format import num
 
 # The numbers each run contributes to the combined table.
 GROUP_COLUMNS = (("align", "mean_all"), ("incorrect", "mean_incorrect"), ("correct", "mean_correct"), ("nodes", "nodes"))

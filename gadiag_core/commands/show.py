@@ -16,8 +16,6 @@ Q̂), and the teacher's own top tokens when recorded.
 
 from __future__ import annotations
 
-from gadiag_core.reports.format import num  # noqa: E402
-
 import argparse
 import json
 
@@ -26,8 +24,10 @@ from rich.table import Table
 from rich.text import Text
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
+from gadiag_core.commands.common import ArgumentParser
 from gadiag_core.errors import UsageError, did_you_mean
 from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
+from gadiag_core.reports.format import num
 
 TOP_CANDIDATES = 4
 

@@ -1,12 +1,17 @@
 """Diagnosing one student rollout, in four stages (DESIGN §1–2):
 
     teacher_logprobs   each teacher's log p_T at every node          [T, V] per teacher
-    estimate_ideal     the estimator's ideal vectors â* at the nodes it scores
+    estimate_ideal     the estimator's ideal vectors â* at the nodes it scores (a
+                       request generator: its continuation requests go out in
+                       batches, gadiag_core.engine.scheduler)
     node_vectors       every vector densified at the scored nodes    [N, V] per row
     records            cosines (gadiag_core.scoring.spaces), noise terms, and
                        the token and rollout records written to the run directory
 
-`diagnose_rollout` runs them in order and returns (token records, rollout record).
+`diagnosis_steps` runs them in order as a generator that yields continuation
+requests and returns (token records, rollout record); the run drives many of
+them at once (gadiag_core.engine.scheduler; `run.in_flight = 1` drives one
+after another).
 """
 
 from __future__ import annotations
@@ -77,20 +82,27 @@ def teacher_logprobs(c: Components, inputs: ContextInputs, generated_ids: list[i
 # 2. The ideal vectors
 
 
-def estimate_ideal(c: Components, rollout: Rollout, z: torch.Tensor, logprobs: dict, max_new_tokens: int, seed: int) -> IdealEstimate:
-    return c.estimator.estimate(
-        EstimationJob(
-            student=c.student,
-            sampler=c.sampler,
-            prompt_ids=rollout.prompt_ids,
-            generated_ids=rollout.generated_ids,
-            student_logits=z,
-            teacher_preferred={name: lp.argmax(-1) for name, lp in logprobs.items()},
-            verify=lambda text: c.task.verify(rollout.problem, text),
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-        )
+def estimation_job(c: Components, rollout: Rollout, z: torch.Tensor, logprobs: dict, max_new_tokens: int, seed: int) -> EstimationJob:
+    return EstimationJob(
+        student=c.student,
+        sampler=c.sampler,
+        prompt_ids=rollout.prompt_ids,
+        generated_ids=rollout.generated_ids,
+        student_logits=z,
+        teacher_preferred={name: lp.argmax(-1) for name, lp in logprobs.items()},
+        verify=lambda text: c.task.verify(rollout.problem, text),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
+
+
+def estimate_ideal(c: Components, job: EstimationJob):
+    """Generator: the estimator's request batches, then its IdealEstimate. An
+    estimator without a `steps` request generator samples by itself here."""
+    steps = getattr(c.estimator, "steps", None)
+    if steps is None:
+        return c.estimator.estimate(job)
+    return (yield from steps(job))
 
 
 # ----------------------------------------------------------------------------
@@ -265,15 +277,18 @@ def token_records(
     return records
 
 
-def diagnose_rollout(c: Components, rollout: Rollout, siblings: list[Rollout], problems: list[Problem], config):
-    """(token records, rollout record) for one student rollout."""
+def diagnosis_steps(c: Components, rollout: Rollout, siblings: list[Rollout], problems: list[Problem], config):
+    """Generator: yields the estimator's continuation requests and receives
+    their outputs (gadiag_core.engine.scheduler), returns (token records,
+    rollout record)."""
     seed = derive_seed(config.run.seed, "diagnose", rollout.problem.id, rollout.index)
     gen = rollout.generated_ids
     z = c.student.node_logits(rollout.prompt_ids, gen).float()  # [T, V]
 
     inputs = context_inputs(c, rollout, siblings, problems, seed)
     logprobs, skipped = teacher_logprobs(c, inputs, gen, z.shape[-1])
-    estimate = estimate_ideal(c, rollout, z, logprobs, config.student.max_new_tokens, seed)
+    job = estimation_job(c, rollout, z, logprobs, config.student.max_new_tokens, seed)
+    estimate = yield from estimate_ideal(c, job)
     rollout_record = {
         "question": rollout.problem.id,
         "rollout": rollout.index,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 
 import torch
 from rich.console import Console
@@ -26,14 +27,15 @@ from gadiag_core.seeding import derive_seed
 from gadiag_core.store.records import write_parquet
 from gadiag_core.store.rundir import RunDir
 from gadiag_core.engine.components import Components, Rollout, build_components
-from gadiag_core.engine.diagnose import diagnose_rollout, token_strings
+from gadiag_core.engine.diagnose import diagnosis_steps, token_strings
+from gadiag_core.engine.scheduler import SamplerStats, run_interleaved
 
 
 # ----------------------------------------------------------------------------
 # Student rollouts
 
 
-def sample_rollouts(c: Components, problems: list[Problem], config: RunConfig, on_done=None, chunk: int = 32) -> list[Rollout]:
+def sample_rollouts(c: Components, problems: list[Problem], config: RunConfig, sample, on_done=None, chunk: int = 32) -> list[Rollout]:
     """`rollouts_per_question` student completions per problem, verified.
 
     Requested in chunks of about `chunk` rows: large enough to batch well,
@@ -55,7 +57,7 @@ def sample_rollouts(c: Components, problems: list[Problem], config: RunConfig, o
             meta.append((problem, index, prompt_ids, messages))
     rollouts = []
     for start in range(0, len(requests), chunk):
-        outputs = c.sampler.sample(c.student, requests[start : start + chunk], c.student.temperature)
+        outputs = sample(requests[start : start + chunk])
         for (problem, index, prompt_ids, messages), generated in zip(meta[start : start + chunk], outputs):
             text = c.student.decode(generated)
             rollouts.append(Rollout(problem, index, prompt_ids, generated, text, bool(c.task.verify(problem, text)), messages))
@@ -101,12 +103,17 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
     console.print(f"run directory: {run_dir.path}")
     problems = c.task.problems(config.run.questions, config.run.seed)
 
+    stats = SamplerStats()
+
+    def sample(requests):
+        return stats.sample(c.sampler, c.student, requests, c.student.temperature)
+
     with _progress(console) as progress:
         rollouts = load_rollouts(c, problems, run_dir)
         if rollouts is None:
             n_rollouts = len(problems) * config.run.rollouts_per_question
             bar = progress.add_task("sampling student rollouts", total=n_rollouts)
-            rollouts = sample_rollouts(c, problems, config, on_done=lambda: progress.advance(bar))
+            rollouts = sample_rollouts(c, problems, config, sample, on_done=lambda: progress.advance(bar))
             run_dir.write_jsonl("rollouts.jsonl", [rollout_row(c, r) for r in rollouts])
         by_question: dict[str, list[Rollout]] = {}
         for r in rollouts:
@@ -115,10 +122,17 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
         done = run_dir.finished_units()
         todo = [r for r in rollouts if unit_name(r) not in done]
         bar = progress.add_task("diagnosing rollouts", total=len(rollouts), completed=len(rollouts) - len(todo))
-        for r in todo:
-            records, rollout_record = diagnose_rollout(c, r, by_question[r.problem.id], problems, config)
+
+        def finished(r: Rollout, result) -> None:
+            records, rollout_record = result
             run_dir.write_unit(unit_name(r), {"tokens": records, "rollout": rollout_record})
             progress.advance(bar)
+
+        # Up to run.in_flight rollouts at once; their continuation requests
+        # share sampler calls (gadiag_core.engine.scheduler). Units are written
+        # as they finish; the final files are assembled in a fixed order below.
+        starts = ((r, partial(diagnosis_steps, c, r, by_question[r.problem.id], problems, config)) for r in todo)
+        run_interleaved(starts, sample, config.run.in_flight, finished)
 
     units = [run_dir.read_unit(unit_name(r)) for r in rollouts]
     token_records = [record for unit in units for record in unit["tokens"]]
@@ -126,6 +140,8 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
     run_dir.write_jsonl("tokens.jsonl", token_records)
     run_dir.write_jsonl("questions.jsonl", rollout_records)
     summary = summarize(config, c, rollouts, token_records, rollout_records)
+    # This session's sampler accounting (a resumed run counts only its own part).
+    summary["throughput"] = stats.summary(time.time() - started)
     run_dir.write_json("summary.json", summary)
     # Files people open: Parquet records and the HTML report with its plots.
     write_parquet(run_dir.path)
@@ -185,6 +201,8 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "sampler": config.sampler.name,
         "teachers": list(c.teachers),
         "objectives": list(c.objectives),
+        # Non-default settings matter to read a row: e.g. {"jsd": {"beta": 0.9}}.
+        "objective_options": {name: choice.option_dict() for name, choice in config.objectives.items() if choice.option_dict()},
         "questions": len({r.problem.id for r in rollouts}),
         "rollouts": len(rollouts),
         "accuracy": sum(r.correct for r in rollouts) / len(rollouts) if rollouts else float("nan"),

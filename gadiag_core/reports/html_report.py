@@ -19,8 +19,6 @@ red hurts; tokens that were not scored (screened out) stay uncoloured.
 
 from __future__ import annotations
 
-from gadiag_core.reports.format import num  # noqa: E402
-
 import html
 import json
 import math
@@ -30,6 +28,7 @@ from pathlib import Path
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.scoring.oracle import best_rows
 from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
+from gadiag_core.reports.format import num
 
 REPORT_DIR = "report"
 

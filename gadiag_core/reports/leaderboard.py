@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from gadiag_core.reports.format import num  # noqa: E402
-
 import math
 
 from rich.console import Console
 from rich.table import Table
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
+from gadiag_core.reports.format import num
 
 
 def _interval(pair) -> str:
@@ -37,6 +36,14 @@ def leaderboard_table(summary: dict) -> Table:
         f"{summary['budget'].get('nodes_targeted', 0):.0f}/{summary['budget'].get('nodes_screened', 0):.0f} nodes targeted, "
         f"covered mass {num(summary['budget'].get('mean_covered_mass'), '{:.2f}')}"
     )
+    speed = summary.get("throughput")
+    if speed and speed.get("sampler_calls"):
+        caption += (
+            f"\nsampler: {speed['sampled_tokens']} tokens in {num(speed['sampler_seconds'], '{:.1f}')} s "
+            f"({num(speed['tokens_per_second'], '{:.0f}')} tokens/s), {speed['sampler_calls']} calls of "
+            f"{num(speed['mean_batch_size'], '{:.1f}')} requests on average; "
+            f"{_pct(speed['share_outside_sampler'])} of {num(speed['wall_seconds'], '{:.0f}')} s outside the sampler"
+        )
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for name, justify in [
         ("teacher", "left"),
@@ -80,9 +87,11 @@ def leaderboard_table(summary: dict) -> Table:
             **style,
         )
 
+    options = summary.get("objective_options", {})
     for name in teacher_rows:
         teacher, _, objective = name.partition("/")
-        add(name, teacher, objective)
+        settings = ", ".join(f"{k}={v}" for k, v in options.get(objective, {}).items())
+        add(name, teacher, f"{objective} ({settings})" if settings else objective)
     table.add_section()
     for name in REFERENCE_ROWS:
         if name in rows:

@@ -11,9 +11,6 @@ import math
 import random
 from collections import defaultdict
 
-import torch
-
-from gadiag_core.scoring.noise import mean_cosine_global_correction
 
 REFERENCE_ROWS = ("rl_outcome", "noise_ceiling")
 
@@ -27,6 +24,10 @@ def _corrected(parts: list[tuple[float, float, float]]) -> float:
     """Noise-corrected mean of (raw cosine, ‖â‖², Ê‖a*‖²) triples, clipped to [−1, 1]."""
     if not parts:
         return float("nan")
+    import torch  # here, not at the top: `report` and `show` read records without torch
+
+    from gadiag_core.scoring.noise import mean_cosine_global_correction
+
     raw, a_sq, energy = torch.tensor(parts, dtype=torch.float64).T
     value = mean_cosine_global_correction(raw, a_sq, energy)
     return max(-1.0, min(1.0, value)) if math.isfinite(value) else float("nan")

@@ -84,7 +84,7 @@ from dataclasses import dataclass
 import torch
 
 from gadiag_core.errors import UsageError
-from gadiag_core.scoring.space_spec import SPACE_FORMS, SPACES, SpaceSpec, check_space, parse_space  # noqa: F401 (re-exported)
+from gadiag_core.scoring.space_spec import parse_space
 
 GRAD_MEMORY_ENV = "GADIAG_GRAD_MEMORY"
 DEFAULT_GRAD_MEMORY = 2 * 1024**3
@@ -711,7 +711,7 @@ def alignment_scores(
                   backward_calls, backward_rows, capacity (rows per batched
                   backward), row_bytes (gradient bytes per row), vectors
     returns:      row name -> (per-node cosine [N] float64, per-question cosine)
-    """
+    Long on purpose: the one entry point dispatches the three spaces and their memory checks."""
     spec = parse_space(space)
     if spec.kind == "logits":
         return {row: _cosines(vectors[a], vectors[b]) for row, (a, b) in pairs.items()}

@@ -42,7 +42,7 @@ class RunDir:
         self.path = Path(path)
 
     # Keys that may differ between a run and its resumption.
-    RESUMABLE_DIFFERENCES = {("run", "run_dir"), ("run", "output_dir"), ("run", "threads")}
+    RESUMABLE_DIFFERENCES = {("run", "run_dir"), ("run", "output_dir"), ("run", "threads"), ("run", "in_flight")}
 
     @classmethod
     def open_or_create(cls, config: dict) -> "RunDir":

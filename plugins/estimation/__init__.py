@@ -5,8 +5,11 @@ command: it declares each estimator's options (gadiag_core.options) and
 imports the estimator itself (and torch) only when one is built.
 
     targeted   value backbone + bisection, adaptive allocation, reuse (targeted.py)
-    uniform    every screened node × candidate × M continuations (targeted.py)
+    uniform    every screened node × candidate × M continuations (uniform.py)
     exact      enumeration, for tiny models (exact.py)
+
+    common.py  what the sampling estimators share: candidates, screening,
+               per-candidate statistics, the continuation pool, budgets
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def _targeted(options: TargetedOptions, run):
 
 
 def _uniform(options: UniformOptions, run):
-    from gadiag_plugins.estimation.targeted import UniformEstimator
+    from gadiag_plugins.estimation.uniform import UniformEstimator
 
     return UniformEstimator(**as_dict(options), rollouts_total=run.rollouts_total)
 

@@ -212,7 +212,7 @@ def enumerate_tree(
             lm.decode(root_prefix + continuation), as the targeted estimator does.
     Returns the tree with exact π and Q at every live prefix (see ExactTree).
     The model is called as model(input_ids=[N, L]).logits (any Hugging Face causal LM).
-    """
+    Long on purpose: one breadth-first enumeration whose levels share the batched forward state."""
     if horizon < 1:
         raise ValueError(f"horizon must be at least 1, got {horizon}")
     eos_ids = sorted(set(int(e) for e in lm.eos_token_ids))

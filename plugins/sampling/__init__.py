@@ -3,6 +3,10 @@
     prefix   shared-prefix KV caches, rows stop independently (prefix.py; the default)
     batched  plain batched KV-cache sampling (batched.py)
 
+    draw.py           inverse-CDF token drawing with per-request seeds (both)
+    llama_decoder.py  the hand-written Llama/Qwen decoder the prefix sampler drives
+    threads.py        whether extra torch threads pay
+
 Loaded at the start of every command; the samplers (and torch) are imported
 only when one is built.
 """
@@ -32,7 +36,7 @@ class PrefixOptions:
 
 
 def _batched(options: BatchedOptions, run):
-    from gadiag_plugins.sampling.prefix import BatchedSampler
+    from gadiag_plugins.sampling.batched import BatchedSampler
 
     return BatchedSampler(**as_dict(options))
 

@@ -279,7 +279,8 @@ def convert_gguf(resolved: ResolvedModel, quiet: bool = False) -> Path:
     """The converted safetensors folder of a GGUF model, converting it if needed.
 
     The conversion is written to a temporary folder and renamed into place, so
-    an interrupted conversion never leaves a half cache."""
+    an interrupted conversion never leaves a half cache.
+    Long on purpose: one locked, atomic conversion whose steps share the lock and the temporary folder."""
     if resolved.kind != "gguf":
         raise ValueError(f"not a GGUF model: {resolved}")
     root = cache_root()

@@ -1,0 +1,94 @@
+"""Pipeline throughput: the default job with rollouts diagnosed one after
+another (`run.in_flight = 1`, the sequential driver) and with the scheduler
+(`run.in_flight = K`: many rollouts in flight, their continuation requests
+batched into shared sampler calls), in this one process, on the same
+configuration and seed.
+
+Printed per way: wall time of the diagnosis, sampled tokens, time inside the
+sampler, effective sampler tokens/s, sampler calls, mean batch size, share of
+the time outside the sampler; then the ratios (scheduler / sequential), and
+whether the records (rollouts, tokens, questions) are byte-identical.
+
+    python benchmarks/pipeline.py                       # the README's default job (harness.toml)
+    python benchmarks/pipeline.py --questions 2 --threads 1   # a quick look
+
+Wall time depends on the machine's load: the load average is printed before
+and after, and the two ways run back to back (sequential first, then the
+scheduler, then --repeats more pairs) so a drift shows in the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = ("rollouts.jsonl", "tokens.jsonl", "questions.jsonl")
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run_once(argv: list[str], run_dir: Path) -> tuple[dict, float, dict]:
+    from rich.console import Console
+
+    from gadiag_core.commands.run import resolve_config
+    from gadiag_core.engine.pipeline import run
+
+    config, registry = resolve_config(argv + ["--run-dir", str(run_dir)])
+    start = time.perf_counter()
+    with open(os.devnull, "w") as quiet:
+        _, summary = run(config, registry, Console(file=quiet, stderr=False))
+    wall = time.perf_counter() - start
+    return summary["throughput"], wall, {name: (run_dir / name).read_bytes() for name in RECORDS}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "harness.toml"))
+    p.add_argument("--questions", type=int, help="override run.questions")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--in-flight", type=int, default=24, help="rollouts in flight for the scheduler (default 24: the default job's every rollout)")
+    p.add_argument("--repeats", type=int, default=0, help="more sequential/scheduler pairs, for the drift")
+    args = p.parse_args()
+    base = ["--config", args.config, "--threads", str(args.threads)]
+    if args.questions:
+        base += ["--questions", str(args.questions)]
+
+    print(f"load average before: {load_average()}  (cores: {os.cpu_count()})")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(1 + args.repeats):
+            for label, in_flight in (("sequential", 1), (f"scheduler ({args.in_flight})", args.in_flight)):
+                stats, wall, records = run_once(base + ["--set", f"run.in_flight={in_flight}"], Path(tmp) / f"{pair}-{in_flight}")
+                rows.append((pair, label, stats, wall, records))
+                print(f"  pair {pair} {label}: {wall:.1f} s", file=sys.stderr)
+    print(f"load average after:  {load_average()}")
+    header = f"{'pair':>4}  {'way':<16} {'wall s':>8} {'tokens':>7} {'sampler s':>9} {'tok/s':>7} {'calls':>6} {'batch':>6} {'outside':>8}"
+    print(header)
+    for pair, label, s, wall, _ in rows:
+        print(
+            f"{pair:>4}  {label:<16} {wall:8.1f} {s['sampled_tokens']:7d} {s['sampler_seconds']:9.1f} "
+            f"{s['tokens_per_second'] or 0:7.0f} {s['sampler_calls']:6d} {s['mean_batch_size'] or 0:6.1f} {100 * (s['share_outside_sampler'] or 0):7.0f}%"
+        )
+    for pair in range(1 + args.repeats):
+        seq, sched = [r for r in rows if r[0] == pair]
+        print(
+            f"pair {pair}: wall ratio sequential/scheduler {seq[3] / sched[3]:.2f}×, "
+            f"sampler tokens/s ratio {(sched[2]['tokens_per_second'] or 0) / max(seq[2]['tokens_per_second'] or 1e-9, 1e-9):.2f}×, "
+            f"records identical: {json.dumps(seq[4] == sched[4])}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

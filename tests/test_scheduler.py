@@ -1,0 +1,95 @@
+"""Rollouts in flight together: the same records as one after another, in
+fewer, larger sampler calls (gadiag_core.engine.scheduler)."""
+
+import json
+
+import pytest
+
+from gadiag_core.commands.main import main
+from gadiag_core.engine.scheduler import SamplerStats, run_interleaved
+
+
+def echo_generator(key, rounds):
+    """Yields `rounds` batches of requests (key, round, i); returns what came back."""
+    got = []
+    for r in range(rounds):
+        outputs = yield [(key, r, i) for i in range(r + 1)]
+        got.append(outputs)
+    return got
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 5])
+def test_each_generator_gets_its_own_outputs(in_flight):
+    calls = []
+
+    def sample(requests):
+        calls.append(len(requests))
+        return [f"out{request}" for request in requests]
+
+    done = {}
+    starts = [(k, (lambda k=k: echo_generator(k, 1 + k % 3))) for k in range(5)]
+    run_interleaved(starts, sample, in_flight, lambda key, value: done.__setitem__(key, value))
+    assert sorted(done) == list(range(5))
+    for k, got in done.items():
+        assert got == [[f"out{(k, r, i)}" for i in range(r + 1)] for r in range(1 + k % 3)]
+    # Requests of different generators share calls once more than one is in flight.
+    assert sum(calls) == sum(sum(r + 1 for r in range(1 + k % 3)) for k in range(5))
+    assert len(calls) == (sum(1 + k % 3 for k in range(5)) if in_flight == 1 else len(calls))
+    if in_flight > 1:
+        assert len(calls) < sum(1 + k % 3 for k in range(5))
+
+
+def test_generators_that_need_no_sampling_finish_at_once():
+    def nothing():
+        return "done"
+        yield  # a generator that returns before yielding
+
+    done = {}
+    run_interleaved([("a", nothing)], lambda r: pytest.fail("no call expected"), 3, done.__setitem__)
+    assert done == {"a": "done"}
+
+
+def test_sampler_stats_accounting():
+    class Fake:
+        def sample(self, lm, requests, temperature):
+            return [[1] * n for n in requests]
+
+    stats = SamplerStats()
+    stats.sample(Fake(), None, [2, 3], 1.0)
+    stats.sample(Fake(), None, [4], 1.0)
+    out = stats.summary(wall_seconds=10.0)
+    assert out["sampler_calls"] == 2 and out["sampler_requests"] == 3 and out["sampled_tokens"] == 9
+    assert out["mean_batch_size"] == 1.5 and 0 <= out["share_outside_sampler"] <= 1
+
+
+TOY_CONFIG = """
+[run]
+task = "toy"
+teachers = "all"
+questions = 4
+rollouts_per_question = 3
+threads = 1
+
+[student]
+max_new_tokens = 4
+"""
+
+RECORDS = ("rollouts.jsonl", "tokens.jsonl", "questions.jsonl")
+
+
+def test_records_do_not_depend_on_rollouts_in_flight(tmp_path, toy_model_dir, capsys):
+    config = tmp_path / "harness.toml"
+    config.write_text(TOY_CONFIG)
+    files, speed = {}, {}
+    for in_flight in (1, 12):
+        run_dir = tmp_path / f"in-flight-{in_flight}"
+        code = main(["--config", str(config), "--model", str(toy_model_dir), "--run-dir", str(run_dir), "--set", f"run.in_flight={in_flight}"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "tokens/s" in out  # the leaderboard footer reports the sampler's work
+        files[in_flight] = {name: (run_dir / name).read_bytes() for name in RECORDS}
+        speed[in_flight] = json.loads((run_dir / "summary.json").read_text())["throughput"]
+    assert files[1]["tokens.jsonl"].strip(), "no node scored: the comparison would be vacuous"
+    assert files[1] == files[12]
+    assert speed[12]["sampler_calls"] < speed[1]["sampler_calls"]
+    assert speed[12]["mean_batch_size"] > speed[1]["mean_batch_size"]
