@@ -201,6 +201,11 @@ def test_study_of_two_tiny_cells_resumes_after_a_kill(tmp_path, toy_model_dir):
     buffer = StringIO()
     print_leaderboard(cell_summary, Console(file=buffer, width=220))
     printed = buffer.getvalue()
+    # The cell's HTML report: a best-teacher strip on every rollout with scored tokens, the oracle section.
+    report = reference / "cells" / "toy--low" / "report"
+    pages = [page.read_text() for page in report.glob("question-*.html")]
+    assert pages and sum(page.count('class="strip"') for page in pages) == len({(t["question"], t["rollout"]) for t in tokens})
+    assert ("Per-token oracle" in (report / "index.html").read_text()) == ("oracle" in oracle.get("all", {}))
     if "oracle" in oracle.get("all", {}):
         assert "oracle ½" in printed and "best single ½" in printed and "headroom" in printed and "best row changes at" in printed
     else:  # too few usable nodes for an oracle: no rows, no claims

@@ -238,6 +238,13 @@ def write_report(study_dir: Path, plan: dict, configs: dict, console=None) -> di
     (study_dir / "report.html").write_text(study_html(matrix, title, links), encoding="utf-8")
     (study_dir / "findings.md").write_text(study_markdown(matrix, title), encoding="utf-8")
     print_study(matrix, title, console)
+    if matrix["missing"] or matrix["partial"]:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"not finished: {', '.join(matrix['partial']) or '–'} (partial); not started: {', '.join(matrix['missing']) or '–'}",
+            highlight=False,
+        )
     return matrix
 
 
