@@ -26,7 +26,6 @@ import re
 from pathlib import Path
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
-from gadiag_core.scoring.oracle import best_rows
 from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
 from gadiag_core.reports.format import num
 
@@ -199,6 +198,8 @@ def _row_legend(colours: dict[str, str]) -> str:
 def _best_strip(r: int, nodes: dict, colours: dict[str, str]) -> str:
     """One cell per scored token, coloured by the row with the best cosine there
     (against the whole ideal estimate): does the best teacher change along the rollout?"""
+    from gadiag_core.scoring.oracle import best_rows  # here: the oracle module needs torch
+
     positions = sorted(nodes)
     if not positions or not colours:
         return ""

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS, aggregate
-from gadiag_core.scoring.oracle import oracle_summary
 from gadiag_core.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -179,6 +178,12 @@ def load_run(path: str | Path) -> Run:
     return Run(path, config, summary, rollouts, questions, tokens, finished)
 
 
+def _oracle(tokens: list[dict]):
+    from gadiag_core.scoring.oracle import oracle_summary  # here: it needs torch, `report --help` must not
+
+    return oracle_summary(tokens)
+
+
 def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], tokens: list[dict]) -> dict:
     """The summary of an unfinished run, from its config and the records so far."""
     run, student = config.get("run", {}), config.get("student", {})
@@ -203,7 +208,7 @@ def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], t
         "accuracy": correct / len(diagnosed) if diagnosed else None,
         "budget": budget,
         "rows": aggregate(tokens, questions),
-        "oracle": oracle_summary(tokens),
+        "oracle": _oracle(tokens),
         "rollouts_diagnosed": len(questions),
         "partial": True,
     }
