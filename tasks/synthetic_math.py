@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from gadiag_core import hookimpl
 from gadiag_core.options import option
-from gadiag_core.errors import UsageError
-from gadiag_core.interfaces import Problem, Task
+from gadiag_core.interfaces import Problem
+from gadiag_tasks import graded
 from gadiag_tasks.answers import integer_answer_matches, parse_int
+from gadiag_tasks.graded import Draw, Level
 
-# (question, answer, solution without the answer statement)
-Draw = tuple[str, int, str]
 
 
 # ----------------------------------------------------------------------------
@@ -112,14 +111,6 @@ def _word_problem(rng: random.Random, steps: int) -> Draw:
     return " ".join(sentences), total, " ".join(work)
 
 
-@dataclass(frozen=True)
-class Level:
-    name: str  # what users type: L1, L2, ...
-    key: str  # seeds the level's random stream and its worked example
-    description: str
-    draw: Callable[[random.Random], Draw]
-
-
 LEVELS: dict[str, Level] = {
     level.name: level
     for level in [
@@ -158,102 +149,24 @@ DEFAULT_LEVELS = ("L1", "L2", "L3", "L4")
 
 def parse_levels(levels) -> tuple[str, ...]:
     """Level names from 1, "1", "L1", "l1", a list of those, or "1,2,3"."""
-    valid = ", ".join(LEVELS)
-    if isinstance(levels, (str, int)):
-        levels = [levels] if isinstance(levels, int) else [p for p in levels.split(",") if p.strip()]
-    try:
-        items = list(levels)
-    except TypeError:
-        raise UsageError(f"task 'math': option 'levels' must be a list of levels ({valid}), got {levels!r}") from None
-    if not items:
-        raise UsageError(f"task 'math': option 'levels' is empty; choose from {valid}")
-    names = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise UsageError(f"task 'math': unknown level {item!r}; valid levels: {valid}")
-        key = str(item).strip().upper()
-        if not key.startswith("L"):
-            key = "L" + key
-        if key not in LEVELS:
-            raise UsageError(f"task 'math': unknown level {item!r}; valid levels: {valid}")
-        if key not in names:
-            names.append(key)
-    return tuple(names)
+    return graded.parse_levels(levels, LEVELS, "math", "L")
 
 
 # ----------------------------------------------------------------------------
 # The task
 
 
-class SyntheticMath(Task):
+class SyntheticMath(graded.GradedTask):
     name = "math"
     # Bump when questions, solutions, worked examples or the prompt change.
     version = "1.0"
     description = "Synthetic arithmetic at graded levels (offline, seeded); integer answers."
-
-    # Tries to avoid repeating a question inside one level before accepting a repeat.
-    _DEDUP_TRIES = 30
+    LEVELS = LEVELS
+    LEVEL_PREFIX = "L"
+    SEED_PREFIX = "gadiag-math"
 
     def __init__(self, levels=DEFAULT_LEVELS, worked_example: bool = True) -> None:
-        self.levels = parse_levels(levels)
-        if not isinstance(worked_example, bool):
-            raise UsageError(f"task 'math': option 'worked_example' must be true or false, got {worked_example!r}")
-        self.worked_example = worked_example
-
-    # -- problems -------------------------------------------------------------
-
-    def _make(self, level: str, rng: random.Random, index: int) -> Problem:
-        question, answer, work = LEVELS[level].draw(rng)
-        return Problem(
-            id=f"{level}-{index:04d}",
-            question=question,
-            answer=str(answer),
-            solution=f"{work} {self.answer_statement(str(answer))}",
-            meta={"level": level},
-        )
-
-    def problems(self, count: int, seed: int) -> list[Problem]:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise UsageError(f"task 'math': the number of problems must be a non-negative integer, got {count!r}")
-        out: list[Problem] = []
-        examples = {level: self.example(level).question for level in self.levels}
-        seen: dict[str, set[str]] = {level: set() for level in self.levels}
-        for index in range(count):
-            level = self.levels[index % len(self.levels)]
-            # Seeded from (seed, index, level) and the earlier problems only: a
-            # prefix does not depend on count.
-            rng = random.Random(f"gadiag-math:{seed}:{index}:{LEVELS[level].key}")
-            tries = 0
-            while True:
-                problem = self._make(level, rng, index)
-                # Never ask the worked example itself; avoid repeats inside a
-                # level while the level has unused questions left.
-                if problem.question == examples[level]:
-                    continue
-                tries += 1
-                if problem.question not in seen[level] or tries >= self._DEDUP_TRIES:
-                    break
-            seen[level].add(problem.question)
-            out.append(problem)
-        return out
-
-    def example(self, level: str) -> Problem:
-        """The fixed worked example shown before questions of `level`."""
-        return self._make(level, random.Random(f"gadiag-math:worked-example:{LEVELS[level].key}"), 0)
-
-    # -- prompt ---------------------------------------------------------------
-
-    def student_messages(self, problem: Problem) -> list[dict]:
-        messages = []
-        if self.worked_example:
-            level = problem.meta.get("level") if isinstance(problem.meta, dict) else None
-            example = self.example(level if level in LEVELS else self.levels[0])
-            messages += [
-                {"role": "user", "content": example.question},
-                {"role": "assistant", "content": example.solution},
-            ]
-        messages.append({"role": "user", "content": problem.question})
-        return messages
+        super().__init__(levels, worked_example)
 
     # -- verifier -------------------------------------------------------------
 

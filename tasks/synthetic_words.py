@@ -25,9 +25,8 @@ last "answer is" (else the last word of the completion) and compares it without
 case, quotes or punctuation. Pass rates of the default student are in MEASURED
 (re-measure with ``python -m gadiag_tasks.measure_pass_rates --task wordplay --samples 24``).
 
-Problems cycle through the configured levels (problem i has level
-``levels[i % len(levels)]``) and are generated from (seed, i, the level's key)
-alone, so the first n problems of a seed do not depend on the count asked for.
+Problems are drawn as in every graded family (gadiag_tasks.graded): cycling
+through the configured levels, seeded by (seed, i, the level's key).
 
 Options (the ``[task]`` table of harness.toml, with ``run.task = "wordplay"``):
     levels          which levels, e.g. ["W1", "W3"] or [1, 3]; default DEFAULT_LEVELS
@@ -41,15 +40,14 @@ import re
 import string
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from gadiag_core import hookimpl
-from gadiag_core.errors import UsageError
-from gadiag_core.interfaces import Problem, Task
+from gadiag_core.interfaces import Problem
 from gadiag_core.options import option
+from gadiag_tasks import graded
+from gadiag_tasks.graded import Draw, Level
 
-# (question, answer, solution without the answer statement)
-Draw = tuple[str, str, str]
 
 # Common lower-case words of 4-7 letters (no proper nouns), the material of
 # every word level.
@@ -146,14 +144,6 @@ def _earlier_letter(rng: random.Random) -> Draw:
     return f'Which letter comes first in the alphabet, "{a}" or "{b}"?', first, f"{first} comes before {max(a, b)}."
 
 
-@dataclass(frozen=True)
-class Level:
-    name: str  # what users type: W1, W2, ...
-    key: str  # seeds the level's random stream and its worked example
-    description: str
-    draw: Callable[[random.Random], Draw]
-
-
 LEVELS: dict[str, Level] = {
     level.name: level
     for level in [
@@ -199,27 +189,7 @@ DEFAULT_LEVELS = ("W1", "W2", "W3", "W4")
 
 def parse_levels(levels) -> tuple[str, ...]:
     """Level names from 1, "1", "W1", "w1", a list of those, or "1,2,3"."""
-    valid = ", ".join(LEVELS)
-    if isinstance(levels, (str, int)) and not isinstance(levels, bool):
-        levels = [levels] if isinstance(levels, int) else [p for p in levels.split(",") if p.strip()]
-    try:
-        items = list(levels)
-    except TypeError:
-        raise UsageError(f"task 'wordplay': option 'levels' must be a list of levels ({valid}), got {levels!r}") from None
-    if not items:
-        raise UsageError(f"task 'wordplay': option 'levels' is empty; choose from {valid}")
-    names = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise UsageError(f"task 'wordplay': unknown level {item!r}; valid levels: {valid}")
-        key = str(item).strip().upper()
-        if not key.startswith("W"):
-            key = "W" + key
-        if key not in LEVELS:
-            raise UsageError(f"task 'wordplay': unknown level {item!r}; valid levels: {valid}")
-        if key not in names:
-            names.append(key)
-    return tuple(names)
+    return graded.parse_levels(levels, LEVELS, "wordplay", "W")
 
 
 # ----------------------------------------------------------------------------
@@ -248,66 +218,17 @@ def extract_word(completion) -> str | None:
 # The task
 
 
-class SyntheticWords(Task):
+class SyntheticWords(graded.GradedTask):
     name = "wordplay"
     # Bump when questions, solutions, worked examples or the prompt change.
     version = "1.0"
     description = "Synthetic letter, word and comparison questions at graded levels (offline, seeded)."
-
-    _DEDUP_TRIES = 30
+    LEVELS = LEVELS
+    LEVEL_PREFIX = "W"
+    SEED_PREFIX = "gadiag-words"
 
     def __init__(self, levels=DEFAULT_LEVELS, worked_example: bool = True) -> None:
-        self.levels = parse_levels(levels)
-        if not isinstance(worked_example, bool):
-            raise UsageError(f"task 'wordplay': option 'worked_example' must be true or false, got {worked_example!r}")
-        self.worked_example = worked_example
-
-    def _make(self, level: str, rng: random.Random, index: int) -> Problem:
-        question, answer, work = LEVELS[level].draw(rng)
-        return Problem(
-            id=f"{level}-{index:04d}",
-            question=question,
-            answer=answer,
-            solution=f"{work} {self.answer_statement(answer)}",
-            meta={"level": level},
-        )
-
-    def problems(self, count: int, seed: int) -> list[Problem]:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise UsageError(f"task 'wordplay': the number of problems must be a non-negative integer, got {count!r}")
-        out: list[Problem] = []
-        examples = {level: self.example(level).question for level in self.levels}
-        seen: dict[str, set[str]] = {level: set() for level in self.levels}
-        for index in range(count):
-            level = self.levels[index % len(self.levels)]
-            rng = random.Random(f"gadiag-words:{seed}:{index}:{LEVELS[level].key}")
-            tries = 0
-            while True:
-                problem = self._make(level, rng, index)
-                if problem.question == examples[level]:
-                    continue
-                tries += 1
-                if problem.question not in seen[level] or tries >= self._DEDUP_TRIES:
-                    break
-            seen[level].add(problem.question)
-            out.append(problem)
-        return out
-
-    def example(self, level: str) -> Problem:
-        """The fixed worked example shown before questions of `level`."""
-        return self._make(level, random.Random(f"gadiag-words:worked-example:{LEVELS[level].key}"), 0)
-
-    def student_messages(self, problem: Problem) -> list[dict]:
-        messages = []
-        if self.worked_example:
-            level = problem.meta.get("level") if isinstance(problem.meta, dict) else None
-            example = self.example(level if level in LEVELS else self.levels[0])
-            messages += [
-                {"role": "user", "content": example.question},
-                {"role": "assistant", "content": example.solution},
-            ]
-        messages.append({"role": "user", "content": problem.question})
-        return messages
+        super().__init__(levels, worked_example)
 
     def verify(self, problem: Problem, completion: str) -> bool:
         try:

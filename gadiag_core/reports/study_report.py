@@ -181,6 +181,25 @@ def _interval(pair) -> str:
     return f"{pair[0]:+.2f}..{pair[1]:+.2f}"
 
 
+def matrix_cells(matrix: dict, name: str, bold, star: str, missing: str = "–") -> list[str]:
+    """Row `name`'s cell texts, 'rank · mean', one per cell: `star` appended when
+    the row is within the best row's interval there, `bold(text)` for the best row."""
+    cells = []
+    for label in matrix["cells"]:
+        view = matrix["view"][label]
+        rank = view["ranks"].get(name)
+        if rank is None:
+            cells.append(missing)
+            continue
+        text = f"{rank} · {num(view['means'][name])}" + (star if name in view["within"] else "")
+        cells.append(bold(text) if name == view["best"] else text)
+    return cells
+
+
+def _coverage(matrix: dict, name: str) -> str:
+    return f"{len(matrix['coverage'][name])}/{len(matrix['cells_with_interval'])}"
+
+
 def study_table(matrix: dict, title: str = "study"):
     """A rich Table: a row per teacher × objective, a column per cell with
     'rank · mean' (bold: the best; '*' within the best's interval)."""
@@ -192,16 +211,7 @@ def study_table(matrix: dict, title: str = "study"):
         table.add_column(label, justify="right", no_wrap=True)
     table.add_column("within best", justify="right", no_wrap=True)
     for name in matrix["rows"]:
-        cells = []
-        for label in matrix["cells"]:
-            view = matrix["view"][label]
-            rank = view["ranks"].get(name)
-            if rank is None:
-                cells.append("–")
-                continue
-            text = f"{rank} · {num(view['means'][name])}" + ("*" if name in view["within"] else " ")
-            cells.append(f"[bold]{text}[/bold]" if name == view["best"] else text)
-        table.add_row(name, *cells, f"{len(matrix['coverage'][name])}/{len(matrix['cells_with_interval'])}")
+        table.add_row(name, *matrix_cells(matrix, name, lambda t: f"[bold]{t}[/bold]", "*"), _coverage(matrix, name))
     table.add_section()
     for label_text, values in fact_rows(matrix):
         table.add_row(label_text, *values, "", style="dim")
@@ -243,16 +253,7 @@ def study_markdown(matrix: dict, title: str) -> str:
     lines = [f"**{title}**", "", "| teacher/objective | " + " | ".join(matrix["cells"]) + " | within best |"]
     lines.append("| --- | " + " | ".join("---:" for _ in matrix["cells"]) + " | ---: |")
     for name in matrix["rows"]:
-        cells = []
-        for label in matrix["cells"]:
-            view = matrix["view"][label]
-            rank = view["ranks"].get(name)
-            if rank is None:
-                cells.append("–")
-                continue
-            text = f"{rank} · {num(view['means'][name])}" + ("\\*" if name in view["within"] else "")
-            cells.append(f"**{text}**" if name == view["best"] else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(matrix['coverage'][name])}/{len(matrix['cells_with_interval'])} |")
+        lines.append(f"| {name} | " + " | ".join(matrix_cells(matrix, name, lambda t: f"**{t}**", "\\*")) + f" | {_coverage(matrix, name)} |")
     for label_text, values in fact_rows(matrix):
         lines.append(f"| *{label_text}* | " + " | ".join(values) + " | |")
     lines += ["", "rank · mean per-token alignment; bold: the best row of the cell; \\*: within its 95% interval.", ""]
@@ -303,7 +304,7 @@ def study_html(matrix: dict, title: str, links: dict[str, str] | None = None) ->
             style = "font-weight:700;" if name == view["best"] else ""
             style += "background:#e3f4e8;" if name in view["within"] else ""
             cells.append(f"<td style=\"{style}\">{rank} · {num(view['means'][name])}</td>")
-        body_rows.append(f"<tr><td class=\"l\">{esc(name)}</td>{''.join(cells)}<td>{len(matrix['coverage'][name])}/{len(matrix['cells_with_interval'])}</td></tr>")
+        body_rows.append(f"<tr><td class=\"l\">{esc(name)}</td>{''.join(cells)}<td>{_coverage(matrix, name)}</td></tr>")
     facts = [
         f"<tr class=\"dim\"><td class=\"l\">{label_text}</td>{''.join(f'<td>{esc(v)}</td>' for v in values)}<td></td></tr>"
         for label_text, values in fact_rows(matrix)
