@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
     runs = [load_run(path) for path in args.run_dirs]
     console = Console()
     if len(runs) == 1:
-        from gadiag_core.reports.leaderboard import leaderboard_table
+        from gadiag_core.reports.leaderboard import leaderboard_table, oracle_lines
 
         run = runs[0]
         if not run.finished:
@@ -137,6 +137,8 @@ def main(argv: list[str]) -> int:
         summary = dict(run.summary)
         summary["task_version"] = summary.get("task_version", "?")
         _print(console, leaderboard_table(summary))
+        for line in oracle_lines(summary):  # as the run printed them
+            console.print(line, highlight=False)
     else:
         _print(console, combined_table(runs))
     err = Console(stderr=True)
