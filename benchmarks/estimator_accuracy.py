@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     from gadiag_core.registry import load_registry
-    from gadiag_core.commands.selfcheck import compare, noise_correction_report, objective_vectors, summarize
+    from gadiag_core.certify.estimators import compare, noise_correction_report, objective_vectors, summarize
     from gadiag_tasks.toy_env import build_environment
 
     console = Console()

@@ -57,7 +57,7 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "harness.toml"))
     p.add_argument("--questions", type=int, help="override run.questions")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    p.add_argument("--in-flight", type=int, default=24, help="rollouts in flight for the scheduler (default 24: the default job's every rollout)")
+    p.add_argument("--in-flight", type=int, default=8, help="rollouts in flight for the scheduler (default 8, run.in_flight's default)")
     p.add_argument("--repeats", type=int, default=0, help="more sequential/scheduler pairs, for the drift")
     args = p.parse_args()
     base = ["--config", args.config, "--threads", str(args.threads)]

@@ -245,13 +245,21 @@ def load_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file {path} not found")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # a UTF-8 byte-order mark (Windows editors): harmless
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UsageError(f"{path} is UTF-16 text: TOML files are UTF-8; save it as UTF-8")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise UsageError(
+            f"{path} is not UTF-8 text (line {line}, byte {exc.start}: a Latin-1 or Windows-1252 file?): save it as UTF-8"
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -299,6 +307,11 @@ def parse_set(items: list[str]) -> dict:
 def raw_config(path: str | Path | None, overrides: dict[str, Any]) -> dict:
     """Defaults ← config file (if any) ← overrides ({dotted: value}, None = unset)."""
     raw = copy.deepcopy(load_toml(path)) if path else {}
+    for name, value in raw.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            raise UsageError(f"{path}: [[{name}]] is an array of tables; write the table once as [{name}]")
+        if not isinstance(value, dict):
+            raise UsageError(f"{path}: {name} = {value!r} must be a table: write it as [{name}] on its own line, then key = value lines")
     for dotted, value in overrides.items():
         if value is not None:
             set_dotted(raw, dotted, value)

@@ -19,6 +19,7 @@ student chose generated token t.
 from __future__ import annotations
 
 import random
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -103,16 +104,77 @@ class Task(ABC):
         Must never raise on garbled text: garbage is simply wrong."""
 
     def wrong_answer(self, problem: Problem, rng: random.Random) -> str:
-        """A plausible but wrong final answer (for the `wrong_answer` control)."""
-        try:
-            value = int(str(problem.answer).strip())
-            return str(value + rng.choice([-3, -2, -1, 1, 2, 3]))
-        except ValueError:
-            return "0" if str(problem.answer).strip() != "0" else "1"
+        """A plausible but wrong final answer (for the `wrong_answer` control).
+
+        A numeric gold of any form ("43", "43.0", "-5", "3/4", "\\frac{3}{4}",
+        "1,234") is shifted by a small nonzero integer, keeping its form; any
+        other gold gets a small number. Every candidate is checked with this
+        task's own verifier and the first it rejects is returned, so the control
+        is never the gold answer in disguise ("43" for "43.0")."""
+        gold = str(problem.answer).strip()
+        for candidate in wrong_candidates(gold, rng):
+            try:
+                rejected = not self.verify(problem, self.answer_statement(candidate))
+            except Exception:  # a verifier that raises on a plain number: take the candidate
+                rejected = True
+            if rejected:
+                return candidate
+        return "no answer"
 
     def answer_statement(self, answer: str) -> str:
         """How a final answer is stated in this task's solutions."""
         return f"The answer is {answer}."
+
+
+_DECIMAL = re.compile(r"^([+\-\u2212]?)(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?$")
+_FRACTION = re.compile(r"^([+\-]?)\s*(\d+)\s*/\s*(\d+)$")
+_LATEX_FRACTION = re.compile(r"^([+\-]?)\s*\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}$")
+
+
+def wrong_candidates(gold: str, rng: random.Random) -> list[str]:
+    """Wrong-answer candidates for a gold answer, most plausible first: the
+    gold shifted by ±1…±3 (in a seeded order), then ±4…±9, in the gold's own
+    form; for a non-numeric gold, small integers."""
+    from decimal import Decimal, InvalidOperation
+    from fractions import Fraction
+
+    shifts = [-3, -2, -1, 1, 2, 3]
+    rng.shuffle(shifts)
+    shifts += [4, -4, 5, -5, 6, 7, 8, 9]
+    text = gold.strip()
+
+    def same_sign_first(values: list, gold_value) -> list:
+        # A negative answer to a problem whose answer is positive is not plausible.
+        return sorted(values, key=lambda v: (v < 0) != (gold_value < 0))
+
+    match = _DECIMAL.match(text)
+    if match:
+        sign, digits, fraction = match.groups()
+        try:
+            value = Decimal(("-" if sign in ("-", "\u2212") else "") + digits.replace(",", "") + (fraction or ""))
+        except InvalidOperation:
+            value = None
+        if value is not None:
+            out = []
+            for shifted in same_sign_first([value + shift for shift in shifts], value):
+                body = f"{shifted:,}" if "," in digits else str(shifted)
+                out.append(body)
+            return out
+    for pattern, latex in ((_LATEX_FRACTION, True), (_FRACTION, False)):
+        match = pattern.match(text)
+        if match and int(match.group(3)) != 0:
+            value = Fraction(int(match.group(2)), int(match.group(3))) * (-1 if match.group(1) == "-" else 1)
+            out = []
+            for shifted in same_sign_first([value + shift for shift in shifts], value):
+                num, den = shifted.numerator, shifted.denominator
+                if den == 1:
+                    out.append(str(num))
+                elif latex:
+                    out.append(f"{'-' if num < 0 else ''}\\frac{{{abs(num)}}}{{{den}}}")
+                else:
+                    out.append(f"{num}/{den}")
+            return out
+    return ["0", "1", "2", "-1", "10"]
 
 
 # ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import pluggy
 
 from gadiag_core import hookspecs
-from gadiag_core.errors import UsageError, unknown_name
+from gadiag_core.errors import EnvironmentFailure, UsageError, unknown_name
 from gadiag_core.options import NoOptions, build_options
 
 # kind -> the hook that registers it
@@ -95,7 +95,8 @@ class Registry:
         run:  the RunContext (run-level facts: seed, rollouts_total, the loaded
               student, …); a default one when None
         A factory's ValueError is an out-of-range setting: it becomes a UsageError
-        naming the plugin."""
+        naming the plugin; any other exception (a plugin bug, a damaged model
+        file) becomes a one-line UsageError naming the plugin and the error."""
         from gadiag_core.interfaces import RunContext  # light: dataclasses only at import
 
         entry = self.get(kind, name)
@@ -106,8 +107,13 @@ class Registry:
             run.registry = self
         try:
             built = entry.factory(options, run)
+        except (UsageError, EnvironmentFailure, KeyboardInterrupt, MemoryError):
+            raise
         except ValueError as exc:
             raise UsageError(f"{kind} {name!r}: {exc}") from None
+        except Exception as exc:  # the plugin's own failure: one line naming it, no traceback
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise UsageError(f"{entry.owner} failed to build: {type(exc).__name__}{': ' + reason if reason else ''}") from None
         if built is None:
             raise UsageError(f"{entry.owner}: its factory returned None instead of a {kind}")
         return built

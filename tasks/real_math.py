@@ -27,10 +27,18 @@ Options (the ``[task]`` table of harness.toml):
     shuffle   seeded shuffle before taking the first `count` rows (default true)
   jsonl only:
     question_field, answer_field   column names (default "question", "answer")
-    solution_field                 optional column with a worked solution
-    id_field                       optional column with a problem id
-    prompt                         the user turn; must contain "{question}"
-                                   (default: the MATH boxed instruction)
+    solution_field                 optional column with a worked solution (without
+                                   one the `solution` and `other_solution` teachers
+                                   are skipped, not silently given the answer)
+    id_field                       optional column with a problem id (ids must not
+                                   repeat; rows without one are named jsonl-NNNN)
+    prompt                         the user turn: "{question}" is the question
+                                   field, "{NAME}" any field of the row, "{{ }}"
+                                   literal braces (default: the MATH boxed instruction)
+
+Data errors name the row (1-based, the line of a one-file JSONL source) and
+the field; a malformed JSONL line is reported with its line number before any
+model loads.
 """
 
 from __future__ import annotations
@@ -114,6 +122,9 @@ def load_rows(task: str, data, hub: Optional[tuple[str, Optional[str], str]]):
         files = [local]
         kinds = {_LOCAL_KINDS[local.suffix.lower()]}
     kind = kinds.pop()
+    for p in files:
+        if p.suffix.lower() == ".jsonl":
+            _check_jsonl_lines(task, p)
     if all(_has_no_rows(p, kind) for p in files):
         raise UsageError(f"task {task!r}: the data set {str(local)!r} is empty (no rows)")
     try:
@@ -121,6 +132,39 @@ def load_rows(task: str, data, hub: Optional[tuple[str, Optional[str], str]]):
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"task {task!r}: could not read {str(local)!r} ({reason})") from None
+
+
+# JSONL files up to this size are checked line by line before `datasets` reads them.
+MAX_CHECKED_BYTES = 512 * 1024 * 1024
+
+
+def _check_jsonl_lines(task: str, path: Path) -> None:
+    """Every non-blank line of a JSONL file is a JSON object: else a UsageError
+    naming the file and the line (`datasets` reports neither)."""
+    import json
+
+    try:
+        if path.stat().st_size > MAX_CHECKED_BYTES:
+            return
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"task {task!r}: cannot read {str(path)!r} ({exc.strerror})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UsageError(f"task {task!r}: {str(path)!r} line {line} is not UTF-8 text: save the file as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"task {task!r}: {str(path)!r} line {number} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"task {task!r}: {str(path)!r} line {number} is not a JSON object {{\"field\": value, …}}")
 
 
 def _has_no_rows(path: Path, kind: str) -> bool:
@@ -346,7 +390,7 @@ class GSM8K(_DataTask):
             answer = gsm8k_answer(row["answer"])
             if answer is None:
                 raise UsageError(
-                    f"task 'gsm8k': row {index} of {self.source!r} has no final '#### N' line in field 'answer'"
+                    f"task 'gsm8k': row {index + 1} of {self.source!r} has no final '#### N' line in field 'answer'"
                 )
             out.append(
                 Problem(
@@ -397,10 +441,40 @@ class Math500(_DataTask):
         return f"The answer is $\\boxed{{{answer}}}$."
 
 
+def prompt_fields(prompt: str) -> list[str]:
+    """The `{field}` placeholders of a prompt template, in order (each once).
+
+    ValueError (the reason) when the template is malformed, uses attribute or
+    index access, or has no placeholder at all: then the student would never
+    see the question (``{{question}}`` is a literal "{question}")."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(prompt))
+    except ValueError as exc:
+        raise ValueError(f"is not a valid template ({exc}); write literal braces as {{{{ }}}}") from None
+    names = []
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError("has an empty or numbered placeholder {}: name a field, e.g. {question}")
+        if any(c in name for c in ".[]") or spec:
+            raise ValueError(f"has the placeholder {{{name}{':' + spec if spec else ''}}}: write plain {{field}} names")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(
+            "has no {field} placeholder, so the student would never see the question: "
+            "write {question} (doubled braces {{question}} are literal text)"
+        )
+    return names
+
+
 class JsonlTask(_DataTask):
     name = "jsonl"
     # Bump when the default prompt, extraction or the verifier change.
-    version = "1.0"
+    version = "1.1"
     description = "Any JSONL/Parquet file of question/answer rows (field names set in the task config); math-verify checks answers."
 
     def __init__(
@@ -421,14 +495,12 @@ class JsonlTask(_DataTask):
         for key, value in (("solution_field", solution_field), ("id_field", id_field)):
             if value is not None and (not isinstance(value, str) or not value):
                 raise UsageError(f"task 'jsonl': option {key!r} must be a field name, got {value!r}")
-        if not isinstance(prompt, str) or "{question}" not in prompt:
-            raise UsageError("task 'jsonl': option 'prompt' must be a string containing {question}")
+        if not isinstance(prompt, str):
+            raise UsageError(f"task 'jsonl': option 'prompt' must be a string, got {prompt!r}")
         try:
-            prompt.format(question="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise UsageError(
-                f"task 'jsonl': option 'prompt' is not a valid template ({exc}); write literal braces as {{{{ }}}}"
-            ) from None
+            self.prompt_fields = prompt_fields(prompt)
+        except ValueError as exc:
+            raise UsageError(f"task 'jsonl': option prompt = {prompt!r} {exc}") from None
         super().__init__(data=data, shuffle=shuffle)
         self.question_field = question_field
         self.answer_field = answer_field
@@ -436,32 +508,54 @@ class JsonlTask(_DataTask):
         self.id_field = id_field
         self.prompt = prompt
 
+    def _column(self, placeholder: str) -> str:
+        """The data column a placeholder reads: {question} is the question field."""
+        return self.question_field if placeholder == "question" else placeholder
+
     def _convert(self, rows) -> list[Problem]:
         fields = [self.question_field, self.answer_field]
         fields += [f for f in (self.solution_field, self.id_field) if f]
-        _require_fields(self.name, rows, fields, f"data set {self.source!r}")
+        fields += [self._column(name) for name in self.prompt_fields]
+        _require_fields(self.name, rows, list(dict.fromkeys(fields)), f"data set {self.source!r}")
         out = []
-        seen: set[str] = set()
+        rows_of: dict[str, list[int]] = {}
         for index, row in enumerate(rows):
+            where = f"task 'jsonl': row {index + 1} of {self.source!r}"
+            for field_name in (self.question_field, self.answer_field):
+                if not _as_text(row[field_name]).strip():
+                    raise UsageError(f"{where}: field {field_name!r} is empty or null")
+            if len(_as_text(row[self.answer_field]).strip()) > MAX_ANSWER_CHARS:
+                raise UsageError(f"{where}: field {self.answer_field!r} is longer than {MAX_ANSWER_CHARS} characters: not a final answer")
             answer = _as_text(row[self.answer_field]).strip()
+            # No solution field (or an empty one): no solution, and the contexts
+            # that need one (solution, other_solution) skip this question.
             solution = _as_text(row[self.solution_field]).strip() if self.solution_field else ""
             ident = f"jsonl-{index:04d}"
-            if self.id_field and row[self.id_field] is not None and _as_text(row[self.id_field]) not in seen:
-                ident = _as_text(row[self.id_field])
-            seen.add(ident)
+            if self.id_field and row[self.id_field] is not None and _as_text(row[self.id_field]).strip():
+                ident = _as_text(row[self.id_field]).strip()
+            rows_of.setdefault(ident, []).append(index + 1)
+            values = {name: _as_text(row[self._column(name)]).strip() for name in self.prompt_fields}
             out.append(
                 Problem(
                     id=ident,
                     question=_as_text(row[self.question_field]).strip(),
                     answer=answer,
-                    solution=solution or self.answer_statement(answer),
-                    meta={"row": index},
+                    solution=solution,
+                    meta={"row": index, "prompt_values": values},
                 )
+            )
+        repeated = {ident: where for ident, where in rows_of.items() if len(where) > 1}
+        if repeated:
+            shown = "; ".join(f"{ident!r} on rows {', '.join(map(str, where))}" for ident, where in list(repeated.items())[:5])
+            raise UsageError(
+                f"task 'jsonl': question ids repeat in {self.source!r} ({shown}); every row needs its own id"
+                + (f" (field {self.id_field!r}; rows without one are named jsonl-NNNN by row)" if self.id_field else "")
             )
         return out
 
     def student_messages(self, problem: Problem) -> list[dict]:
-        return [{"role": "user", "content": self.prompt.format(question=problem.question)}]
+        values = problem.meta.get("prompt_values") or {"question": problem.question}
+        return [{"role": "user", "content": self.prompt.format_map(values)}]
 
     def answer_statement(self, answer: str) -> str:
         return f"The answer is $\\boxed{{{answer}}}$."
@@ -477,9 +571,12 @@ class DataOptions:
 class JsonlOptions(DataOptions):
     question_field: str = option("question", "column with the question")
     answer_field: str = option("answer", "column with the gold final answer")
-    solution_field: Optional[str] = option(None, "column with a worked solution (none: the answer statement)")
-    id_field: Optional[str] = option(None, "column with a problem id (none: jsonl-NNNN by row)")
-    prompt: str = option("{question}\n" + BOXED_INSTRUCTION.replace("{}", "{{}}"), "the user turn; must contain {question}")
+    solution_field: Optional[str] = option(None, "column with a worked solution (none: the solution and other_solution teachers are skipped)")
+    id_field: Optional[str] = option(None, "column with a problem id (none: jsonl-NNNN by row; ids must not repeat)")
+    prompt: str = option(
+        "{question}\n" + BOXED_INSTRUCTION.replace("{}", "{{}}"),
+        "the user turn: {question} is the question field, {NAME} any field of the row, {{ }} literal braces",
+    )
 
 
 def _factory(cls):

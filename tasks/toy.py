@@ -30,6 +30,9 @@ from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import Problem, Task
 
 DEFAULT_TARGETS = tuple(range(3, 13))
+# A digit sum above this needs more than 1,400 tokens of 7s: no toy run gets there
+# (and `digits_summing_to` builds the answer digit by digit).
+MAX_TARGET = 10_000
 
 
 def parse_targets(targets) -> tuple[int, ...]:
@@ -38,6 +41,8 @@ def parse_targets(targets) -> tuple[int, ...]:
         if isinstance(targets, str):
             if "-" in targets:
                 lo, hi = (int(p) for p in targets.split("-", 1))
+                if hi - lo > MAX_TARGET:
+                    raise UsageError(f"task 'toy': targets range {targets!r} is too wide (at most {MAX_TARGET} targets)")
                 items = list(range(lo, hi + 1))
             else:
                 items = [int(p) for p in targets.split(",") if p.strip()]
@@ -49,6 +54,8 @@ def parse_targets(targets) -> tuple[int, ...]:
         raise UsageError(f"task 'toy': targets must be integers, a list or 'lo-hi', got {targets!r}") from None
     if not items or any(t < 0 for t in items):
         raise UsageError(f"task 'toy': targets must be a non-empty list of non-negative integers, got {targets!r}")
+    if any(t > MAX_TARGET for t in items):
+        raise UsageError(f"task 'toy': target {max(items)} is too large (at most {MAX_TARGET}: a toy answer is a few digits 0–7)")
     return tuple(items)
 
 

@@ -32,11 +32,19 @@ def answer_note(answer: str) -> str:
     return f"The correct final answer is {answer}. Use it to answer."
 
 
+def has_solution(problem) -> bool:
+    """True when the task gave this problem a worked solution (a JSONL file
+    without a solution field gives none: the contexts that need one skip it)."""
+    return bool(str(problem.solution or "").strip())
+
+
 class SolutionContext(ContextBuilder):
     name = "solution"
-    description = "the reference solution"
+    description = "the reference solution (skipped when the task has none)"
 
-    def build(self, inputs):
+    def build(self, inputs) -> Optional[list[dict]]:
+        if not has_solution(inputs.problem):
+            return None
         return with_note(inputs, solution_note(inputs.problem.solution))
 
 
@@ -50,10 +58,10 @@ class AnswerContext(ContextBuilder):
 
 class OtherSolutionContext(ContextBuilder):
     name = "other_solution"
-    description = "control: another problem's reference solution"
+    description = "control: another problem's reference solution (skipped when none has one)"
 
     def build(self, inputs) -> Optional[list[dict]]:
-        others = [p for p in inputs.other_problems if p.id != inputs.problem.id]
+        others = [p for p in inputs.other_problems if p.id != inputs.problem.id and has_solution(p)]
         if not others:
             return None
         return with_note(inputs, solution_note(inputs.rng.choice(others).solution))

@@ -20,7 +20,8 @@ import torch
 from gadiag_core.errors import UsageError
 from gadiag_core.interfaces import ContinuationRequest
 from gadiag_core.registry import load_registry
-from gadiag_core.commands.selfcheck import check_objective, compare, noise_correction_report, objective_vectors, summarize, unbiasedness
+from gadiag_core.certify.estimators import compare, noise_correction_report, objective_vectors, summarize, unbiasedness
+from gadiag_core.certify.objectives import check_objective
 from gadiag_tasks.toy_env import build_environment, make_toy_lm
 from gadiag_core.scoring.vectors import ideal_vector, policy
 from gadiag_plugins.estimation.exact import ExactEstimator, enumerate_tree, exact_q_along

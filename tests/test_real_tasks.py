@@ -246,12 +246,15 @@ def test_jsonl_task_with_named_fields(tmp_path):
     assert task.verify(problems[1], task.answer_statement("4"))
 
 
-def test_jsonl_without_solution_field_states_the_answer(tmp_path):
+def test_jsonl_without_solution_field_has_no_solution(tmp_path):
+    """No solution field: no solution (the solution contexts skip the question,
+    issue 18 S1), not the answer dressed up as one."""
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "2+3?", "answer": 5}])
     task = JsonlTask(data=str(path))
     (problem,) = task.problems(1, seed=0)
     assert problem.answer == "5" and problem.id == "jsonl-0000"
-    assert task.verify(problem, problem.solution) and "\\boxed{5}" in problem.solution
+    assert problem.solution == ""
+    assert task.verify(problem, task.answer_statement(problem.answer))
     assert "\\boxed{}" in task.student_messages(problem)[0]["content"]
 
 
@@ -296,7 +299,7 @@ def test_missing_fields_are_named(tmp_path):
     with pytest.raises(UsageError, match="'reasoning'"):
         JsonlTask(data=str(path), answer_field="solution", solution_field="reasoning").problems(1, seed=0)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q", "answer": "no final line"}])
-    with pytest.raises(UsageError, match="row 0 .* no final '#### N' line"):
+    with pytest.raises(UsageError, match="row 1 .* no final '#### N' line"):
         GSM8K(data=str(bad)).problems(1, seed=0)
 
 

@@ -20,8 +20,21 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+# A small leaderboard check: 2 environments of 8 problems × 4 rollouts, and a
+# horizon-5 one of 2 problems × 4 rollouts (the defaults take minutes).
+SMALL_LEADERBOARD = (
+    "--leaderboard-seeds", "1", "--leaderboard-problems", "8", "--leaderboard-rollouts", "4",
+    "--large-seeds", "1", "--large-problems", "2", "--large-rollouts", "3",
+)
+
+
 def test_selfcheck_passes_on_builtins_and_prints_the_table(capsys):
-    code, out, err = run_cli(capsys, "selfcheck", "--budgets", "4", "--seeds", "4", "--threads", "1")
+    # Leaderboard tolerances are widened: means over ~60 nodes are too noisy for
+    # the defaults, which are set for the default environment sizes.
+    code, out, err = run_cli(
+        capsys, "selfcheck", "--budgets", "4", "--seeds", "4", "--threads", "1", *SMALL_LEADERBOARD,
+        "--lb-max-error", "0.5", "--lb-max-bias", "0.5", "--lb-min-coverage", "0", "--lb-min-overlap", "0",
+    )
     assert code == 0, out + err
     assert "selfcheck passed" in out
     for name in ("targeted", "uniform"):
@@ -32,6 +45,20 @@ def test_selfcheck_passes_on_builtins_and_prints_the_table(capsys):
     for objective in ("reverse_kl", "sampled_token", "forward_kl", "jsd", "topk_reverse_kl"):
         assert objective in out
     assert "FAIL" not in out
+    for title in ("leaderboard means of targeted", "default environment", "larger environment", "horizon 5", "budget invariance"):
+        assert title in out
+    for split in ("correct", "incorrect", "question"):
+        assert split in out
+
+
+def test_selfcheck_leaderboard_gate_fails_out_of_tolerance(capsys):
+    """No estimator has leaderboard means within 0.001 of exact on 32 rollouts."""
+    code, out, err = run_cli(
+        capsys, "selfcheck", "--estimators", "targeted", "--objectives", "reverse_kl", "--budgets", "4", "--seeds", "2",
+        "--threads", "1", *SMALL_LEADERBOARD, "--large-horizon", "0", "--lb-max-error", "0.001",
+    )
+    assert code == 1, out + err
+    assert "FAIL leaderboard targeted, default environment, split all: mean |leaderboard − exact|" in out.replace("\n", "")
 
 
 BIASED_PLUGIN = '''
@@ -39,7 +66,9 @@ BIASED_PLUGIN = '''
     import torch
 
     from gadiag_core import hookimpl
+    from gadiag_core.options import as_dict
     from gadiag_core.scoring.vectors import ideal_vector_on_candidates
+    from gadiag_plugins.estimation import TargetedOptions
     from gadiag_plugins.estimation.targeted import TargetedEstimator
 
 
@@ -59,7 +88,12 @@ BIASED_PLUGIN = '''
 
     @hookimpl
     def register_estimators(register):
-        register("shrunk_sampled", ShrunkSampled, "targeted with a biased sampled token (test only)")
+        register(
+            "shrunk_sampled",
+            lambda options, run: ShrunkSampled(**as_dict(options), rollouts_total=run.rollouts_total),
+            "targeted with a biased sampled token (test only)",
+            options=TargetedOptions,
+        )
 '''
 
 
@@ -68,6 +102,7 @@ def test_selfcheck_fails_on_a_biased_estimator(tmp_path, capsys):
     code, out, err = run_cli(
         capsys, "selfcheck", "--plugins-dir", str(tmp_path), "--estimators", "shrunk_sampled",
         "--objectives", "reverse_kl,sampled_token", "--budgets", "16", "--seeds", "3", "--threads", "1",
+        "--leaderboard-seeds", "0",
     )
     assert code == 1, out + err
     assert "FAIL shrunk_sampled (continuations=16): â is biased" in out

@@ -207,9 +207,10 @@ def test_study_of_two_tiny_cells_resumes_after_a_kill(tmp_path, toy_model_dir):
     assert pages and sum(page.count('class="strip"') for page in pages) == len({(t["question"], t["rollout"]) for t in tokens})
     assert ("Per-token oracle" in (report / "index.html").read_text()) == ("oracle" in oracle.get("all", {}))
     if "oracle" in oracle.get("all", {}):
-        assert "oracle ½" in printed and "best single ½" in printed and "headroom" in printed and "best row changes at" in printed
-    else:  # too few usable nodes for an oracle: no rows, no claims
-        assert "oracle ½" not in printed
+        assert "per-token oracle (split-half" in printed and "best single row" in printed
+        assert "headroom" in printed and "best row changes at" in printed
+    else:  # too few usable nodes for an oracle: no table, no claims
+        assert "per-token oracle" not in printed
 
     # Kill the study once the first cell is finished and the second has started.
     resumed = tmp_path / "resumed"

@@ -11,7 +11,8 @@
 Each subcommand module has `main(argv) -> exit code` and is imported only when
 called, so `--help`, `list`, `report` and `show` import no torch. Bad input
 (unknown names, bad config, missing model) prints one line on stderr and exits
-2; no traceback.
+2; an environment failure (disk full, read-only folder) prints one line naming
+the path and exits 1; no traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from gadiag_core.errors import UsageError
+from gadiag_core.errors import EnvironmentFailure, UsageError, cannot_write
 
 COMMANDS = {
     "run": "gadiag_core.commands.run",
@@ -40,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"gadiag-harness: error: {exc}", file=sys.stderr)
         return 2
+    except EnvironmentFailure as exc:
+        print(f"gadiag-harness: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # an I/O failure no layer below named: name its path
+        print(f"gadiag-harness: error: {cannot_write(exc.filename or '(unknown path)', exc, 'use')}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("gadiag-harness: interrupted; records written so far are in the run directory", file=sys.stderr)
         return 130

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.commands.common import ArgumentParser
+from gadiag_core.errors import writing
 from gadiag_core.store.records import Run, load_run
 from gadiag_core.reports.format import num
 
@@ -129,7 +130,7 @@ def main(argv: list[str]) -> int:
     runs = [load_run(path) for path in args.run_dirs]
     console = Console()
     if len(runs) == 1:
-        from gadiag_core.reports.leaderboard import leaderboard_table, oracle_lines
+        from gadiag_core.reports.leaderboard import leaderboard_notes, leaderboard_table, print_oracle
 
         run = runs[0]
         if not run.finished:
@@ -137,8 +138,9 @@ def main(argv: list[str]) -> int:
         summary = dict(run.summary)
         summary["task_version"] = summary.get("task_version", "?")
         _print(console, leaderboard_table(summary))
-        for line in oracle_lines(summary):  # as the run printed them
-            console.print(line, highlight=False)
+        for note in leaderboard_notes(summary):
+            console.print(note, highlight=False, markup=False)
+        print_oracle(summary, console)  # as the run printed it
     else:
         _print(console, combined_table(runs))
     err = Console(stderr=True)
@@ -146,10 +148,12 @@ def main(argv: list[str]) -> int:
         if args.parquet:
             from gadiag_core.store.records import write_parquet
 
-            for path in write_parquet(run.path):
-                err.print(f"wrote {path}")
+            with writing(run.path):
+                for path in write_parquet(run.path):
+                    err.print(f"wrote {path}")
         if args.html:
             from gadiag_core.reports.html_report import write_html_report
 
-            err.print(f"wrote {write_html_report(run.path)}")
+            with writing(run.path / "report"):
+                err.print(f"wrote {write_html_report(run.path)}")
     return 0

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.commands.common import ArgumentParser
+from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.errors import UsageError, did_you_mean
 from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
 from gadiag_core.reports.format import num
@@ -145,6 +145,59 @@ def nodes_table(run: Run, question: str, rollout: int, row: str) -> Table:
     return table
 
 
+def unscored_reason(run: Run, rollout: dict, record: dict) -> str:
+    """Why the estimator scored no node of a diagnosed rollout, from its record."""
+    budget = record.get("budget") or {}
+    n_tokens = record.get("tokens", len(rollout.get("generated_ids", [])))
+    limit = run.config.get("student", {}).get("max_new_tokens")
+    if not n_tokens:
+        return "the rollout is empty"
+    eligible = budget.get("nodes_eligible")
+    epsilon = run.config.get("estimator", {}).get("screen_epsilon")
+    if eligible == 0:
+        return (
+            f"the student was nearly certain at all {n_tokens} tokens (1 − π_max < screen_epsilon"
+            + (f" = {epsilon}" if epsilon is not None else "")
+            + "), so every ideal vector is provably tiny (‖a*‖₁ ≤ 2(1 − π_max)/τ)"
+        )
+    spent = budget.get("continuations")
+    outcome = "correct" if rollout.get("correct") else "incorrect"
+    cut = f", cut at the max_new_tokens = {limit} limit" if rollout.get("cut") and limit else ""
+    return (
+        f"the rollout is {outcome}{cut}; of {eligible if eligible is not None else n_tokens} uncertain nodes none was targeted"
+        + (f" after {spent:.0f} continuations" if isinstance(spent, (int, float)) else "")
+        + ": the value estimates did not change along the rollout (when every continuation ends the same way, "
+        "Q̂ = V̂ and the ideal gradient is zero)"
+    )
+
+
+def unscored_counts(run: Run, record: dict, scored: int) -> str:
+    """Why the plain tokens of a scored rollout were not scored, with counts."""
+    budget = record.get("budget") or {}
+    total, eligible = record.get("tokens"), budget.get("nodes_eligible")
+    if not isinstance(total, int) or not isinstance(eligible, int):
+        return "plain tokens were not scored (screened out or not targeted)"
+    cap = run.config.get("estimator", {}).get("max_nodes")
+    return (
+        f"{scored} of {total} tokens scored; {total - eligible} screened out (the student was nearly certain: "
+        f"1 − π_max < screen_epsilon), {max(0, eligible - scored)} uncertain but not targeted (the value did not "
+        f"change around them{f', or the max_nodes = {cap} cap' if cap else ''})"
+    )
+
+
+def undefined_reason(records) -> str:
+    """Why no cosine is defined at scored nodes: a zero ideal vector (flat Q̂) or a zero teacher vector."""
+    flat = all(
+        len({round(q, 12) for q in (r.get("q_hat") or []) if finite(q)}) <= 1 for r in records
+    )
+    if flat:
+        return (
+            "every candidate token led to the same outcome (Q̂ equal for all candidates), so the ideal gradient "
+            "is zero there; questions the student solves sometimes give non-zero ones"
+        )
+    return "the distillation vector is zero there (the teacher agrees with the student exactly)"
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     run = load_run(args.run_dir)
@@ -183,12 +236,16 @@ def main(argv: list[str]) -> int:
         console.print(rollout_text(run, question, rollout, row))
         if "tokens" not in rollout:
             console.print("[dim](this run did not record per-token strings; the scored tokens are listed below)[/dim]")
+        if nodes and record:
+            console.print(f"[dim]{unscored_counts(run, record, len(nodes))}[/dim]", highlight=False)
         console.print()
         if nodes:
             console.print(nodes_table(run, question, r, row))
+            if not any(finite((n.get("cos") or {}).get(row)) for n in nodes.values()):
+                console.print(f"[dim]no cosine is defined at the {len(nodes)} scored tokens: {undefined_reason(nodes.values())}[/dim]", highlight=False)
         elif not record:
             console.print("[dim]this rollout has not been diagnosed yet (unfinished run)[/dim]")
         else:
-            console.print("[dim]no token of this rollout was scored[/dim]")
+            console.print(f"[dim]no token of this rollout was scored: {unscored_reason(run, rollout, record)}[/dim]", highlight=False)
         console.print()
     return 0

@@ -1,7 +1,7 @@
 """`gadiag-harness study STUDY.toml`: a grid of runs, students × tasks, with the
 same teachers and objectives, and one report over the grid (DESIGN §6).
 
-    gadiag-harness study STUDY.toml [--study-dir DIR] [--threads N] [--set k=v] [--report-only]
+    gadiag-harness study STUDY.toml [--study-dir DIR] [--threads N] [--set k=v] [--report-only] [--resummarize]
     gadiag-harness study --students a,b --tasks x,y [--config harness.toml] …
 
 Each cell is an ordinary, resumable run directory, STUDY_DIR/cells/<student>--<task>/:
@@ -59,6 +59,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--threads", help="torch CPU threads of every cell (0 = all cores)")
     p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="set a key of every cell's config (repeatable)")
     p.add_argument("--report-only", action="store_true", help="run nothing: report the cells written so far")
+    p.add_argument("--resummarize", action="store_true", help="recompute finished cells' aggregates from their records (after an upgrade of the aggregates)")
     add_common(p)
     return p
 
@@ -222,6 +223,19 @@ def cell_summaries(configs: dict) -> dict:
     return out
 
 
+def resummarize(path: Path) -> None:
+    """Recompute the record-derived parts of a finished cell's summary.json
+    (counts, aggregates, oracle) with this version's code; the rest (task
+    version, throughput, …) is kept."""
+    from gadiag_core.store.records import load_run, record_summary
+    from gadiag_core.store.rundir import RunDir
+
+    run = load_run(path)
+    summary = dict(run.summary)
+    summary.update(record_summary(run.rollouts, run.questions, run.tokens))
+    RunDir(path).write_json("summary.json", summary)
+
+
 def write_report(study_dir: Path, plan: dict, configs: dict, console=None) -> dict:
     """Build the matrix from the cells' summaries, print it, write study.json and report.html."""
     from gadiag_core.reports.study_report import print_study, study_html, study_markdown, study_matrix
@@ -257,6 +271,10 @@ def main(argv: list[str]) -> int:
     err = Console(stderr=True)
     check_study_dir(study_dir, plan, configs)
     started = time.time()
+    if args.report_only and args.resummarize:
+        for config in configs.values():
+            if (Path(config.run.run_dir) / "summary.json").is_file():
+                resummarize(Path(config.run.run_dir))
     if not args.report_only:
         from gadiag_core.engine.pipeline import run
         from gadiag_core.store.rundir import RunDir
@@ -264,7 +282,9 @@ def main(argv: list[str]) -> int:
         for index, (label, config) in enumerate(configs.items(), start=1):
             path = Path(config.run.run_dir)
             if (path / "summary.json").is_file():
-                RunDir(path).check_same_config(config.to_dict())
+                RunDir(path).check_resumable(config.to_dict())
+                if args.resummarize:
+                    resummarize(path)
                 err.print(f"cell {index}/{len(configs)} {label}: finished, skipped")
                 continue
             err.print(f"[bold]cell {index}/{len(configs)} {label}[/bold]")

@@ -35,10 +35,9 @@ class Components:
     estimator: GradientEstimator
 
 
-def build_components(config: RunConfig, registry: Registry) -> Components:
-    """Every component of the run, built through the registry (names and
-    options were checked by config.validate; models load here)."""
-    run = RunContext(
+def run_context(config: RunConfig, registry: Registry) -> RunContext:
+    """The run-level facts every factory receives (the student is set once loaded)."""
+    return RunContext(
         seed=config.run.seed,
         rollouts_total=config.rollouts_total,
         max_new_tokens=config.student.max_new_tokens,
@@ -46,7 +45,15 @@ def build_components(config: RunConfig, registry: Registry) -> Components:
         dtype=getattr(config.student_options, "dtype", "float32") or "float32",
         registry=registry,
     )
-    task = registry.create("task", config.task.name, run, **config.task.option_dict())
+
+
+def build_components(config: RunConfig, registry: Registry, task: Task | None = None) -> Components:
+    """Every component of the run, built through the registry (names and
+    options were checked by config.validate; models load here). `task`: one
+    already built (the run loads its problems before the models)."""
+    run = run_context(config, registry)
+    if task is None:
+        task = registry.create("task", config.task.name, run, **config.task.option_dict())
     sampler = registry.create("sampler", config.sampler.name, run, **config.sampler.option_dict())
     estimator = registry.create("estimator", config.estimator.name, run, **config.estimator.option_dict())
     objectives = {name: registry.create("objective", name, run, **choice.option_dict()) for name, choice in config.objectives.items()}

@@ -67,7 +67,15 @@ def teacher_logprobs(c: Components, inputs: ContextInputs, generated_ids: list[i
     """({teacher: [T, V] log p_T}, [teachers skipped: no context for this rollout])."""
     out, skipped = {}, []
     for name, teacher in c.teachers.items():
-        logprobs = teacher.node_logprobs(inputs, generated_ids)
+        try:
+            logprobs = teacher.node_logprobs(inputs, generated_ids)
+        except (UsageError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # the plugin boundary: one line naming the teacher
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise UsageError(
+                f"teacher {name!r} failed on question {inputs.problem.id!r}: {type(exc).__name__}{': ' + reason if reason else ''}"
+            ) from None
         if logprobs is None:
             skipped.append(name)
             continue
@@ -206,6 +214,10 @@ def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict
     energy = torch.stack([node_energy(n, tau) for n in nodes])
     rows = [row for row, (a, _) in pairs.items() if a == "ideal"]
     question_corrected, intervals = {}, {row: [] for row in rows}
+    # Each row's b on the node's candidates, divided by its full norm ‖b‖ [C]: with
+    # the candidates' π, Q̂ and counts this is all a noise correction of the
+    # cosine needs (gadiag_core.scoring.alignment recomputes them from records).
+    b_unit = {row: [] for row in rows}
     for row in rows:
         b = vectors[row].double()
         dots = (vectors["ideal"].double() * b).sum(-1)
@@ -218,13 +230,16 @@ def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict
         b_c = b_all[:, cand]
         out_pb = b_all @ pi - b_c @ pi[cand]
         out_pp = float(pp_total[i] - (pi[cand] ** 2).sum())
+        unit = b_c / b_all.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        for j, row in enumerate(rows):
+            b_unit[row].append([float(x) for x in unit[j]])
         counts = node.counts.clamp(min=0)
         low, high, _ = noise_mod.cosine_interval(
             node.probs, node.q_hat, counts, b_c, b_all.norm(dim=-1), out_pb, out_pp, tau, seed=derive_seed(seed, "ci", node.node)
         )
         for j, row in enumerate(rows):
             intervals[row].append([float(low[j]), float(high[j])])
-    return {"a_sq": a_sq, "energy": energy, "question_corrected": question_corrected, "intervals": intervals}
+    return {"a_sq": a_sq, "energy": energy, "question_corrected": question_corrected, "intervals": intervals, "b_unit": b_unit, "temperature": tau}
 
 
 # ----------------------------------------------------------------------------
@@ -270,6 +285,8 @@ def token_records(
             record["a_sq"] = float(noise["a_sq"][row])
             record["energy"] = float(noise["energy"][row])
             record["cos_ci"] = {name: bounds[row] for name, bounds in noise["intervals"].items()}
+            record["b_cand"] = {name: units[row] for name, units in noise["b_unit"].items()}
+            record["temperature"] = noise["temperature"]
         record["teacher_top"] = {
             tname: [[decode([k]), p] for k, p in zip(ids[row], probs[row])] for tname, (ids, probs) in teacher_top.items()
         }

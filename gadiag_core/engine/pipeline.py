@@ -18,15 +18,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gadiag_core.config import RunConfig
 from gadiag_core.interfaces import ContinuationRequest, Problem
+from gadiag_core.errors import UsageError, writing
 from gadiag_core.registry import Registry
 from gadiag_core.reports.html_report import write_html_report
-from gadiag_core.scoring.alignment import aggregate
-from gadiag_core.scoring.oracle import oracle_summary
 from gadiag_core.scoring.spaces import space_description
 from gadiag_core.seeding import derive_seed
-from gadiag_core.store.records import write_parquet
+from gadiag_core.store.records import record_summary, write_parquet
 from gadiag_core.store.rundir import RunDir
-from gadiag_core.engine.components import Components, Rollout, build_components
+from gadiag_core.store.rundir import unit_name as store_unit_name
+from gadiag_core.engine.components import Components, Rollout, build_components, run_context
 from gadiag_core.engine.diagnose import diagnosis_steps, token_strings
 from gadiag_core.engine.scheduler import SamplerStats, run_interleaved
 
@@ -97,11 +97,17 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
     torch.set_num_threads(threads)
     torch.manual_seed(config.run.seed)
 
-    run_dir = RunDir.open_or_create(config.to_dict())
+    # Everything that can be checked before the models load is checked first,
+    # and the run directory is created only then: bad input leaves no folder.
+    task = registry.create("task", config.task.name, run_context(config, registry), **config.task.option_dict())
+    problems = task.problems(config.run.questions, config.run.seed)
+    check_problem_ids(problems, config.task.name)
+    run_dir = RunDir.prepare(config.to_dict())
     with console.status("loading student and teachers…"):
-        c = build_components(config, registry)
+        c = build_components(config, registry, task=task)
+    space_description(config.run.space, c.student.model)  # a selector that matches nothing fails here
+    run_dir.start(config.to_dict())
     console.print(f"run directory: {run_dir.path}")
-    problems = c.task.problems(config.run.questions, config.run.seed)
 
     stats = SamplerStats()
 
@@ -109,17 +115,18 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
         return stats.sample(c.sampler, c.student, requests, c.student.temperature)
 
     with _progress(console) as progress:
-        rollouts = load_rollouts(c, problems, run_dir)
+        rollouts = load_rollouts(c, problems, run_dir, config.run.rollouts_per_question)
         if rollouts is None:
             n_rollouts = len(problems) * config.run.rollouts_per_question
             bar = progress.add_task("sampling student rollouts", total=n_rollouts)
             rollouts = sample_rollouts(c, problems, config, sample, on_done=lambda: progress.advance(bar))
-            run_dir.write_jsonl("rollouts.jsonl", [rollout_row(c, r) for r in rollouts])
+            run_dir.write_jsonl("rollouts.jsonl", [rollout_row(c, r, config.student.max_new_tokens) for r in rollouts])
         by_question: dict[str, list[Rollout]] = {}
         for r in rollouts:
             by_question.setdefault(r.problem.id, []).append(r)
 
-        done = run_dir.finished_units()
+        expected = {unit_name(r): (r.problem.id, r.index) for r in rollouts}
+        done = run_dir.finished_units(expected, warn=lambda line: console.print(line, style="yellow", soft_wrap=True, markup=False, highlight=False))
         todo = [r for r in rollouts if unit_name(r) not in done]
         bar = progress.add_task("diagnosing rollouts", total=len(rollouts), completed=len(rollouts) - len(todo))
 
@@ -144,17 +151,32 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
     summary["throughput"] = stats.summary(time.time() - started)
     run_dir.write_json("summary.json", summary)
     # Files people open: Parquet records and the HTML report with its plots.
-    write_parquet(run_dir.path)
-    write_html_report(run_dir.path)
+    with writing(run_dir.path):
+        write_parquet(run_dir.path)
+    with writing(run_dir.path / "report"):
+        write_html_report(run_dir.path)
     console.print(f"wall time {time.time() - started:.1f} s")
     return run_dir, summary
 
 
 def unit_name(rollout: Rollout) -> str:
-    return f"{rollout.problem.id}.r{rollout.index}"
+    """The rollout's unit file stem (a digest of the question id: ids are user data)."""
+    return store_unit_name(rollout.problem.id, rollout.index)
 
 
-def rollout_row(c: Components, r: Rollout) -> dict:
+def check_problem_ids(problems: list[Problem], task: str) -> None:
+    """Question ids key every record and unit: two questions with one id would
+    overwrite each other. UsageError naming the repeated ids."""
+    counts: dict[str, int] = {}
+    for problem in problems:
+        counts[problem.id] = counts.get(problem.id, 0) + 1
+    repeated = [f"{ident!r} ({n}×)" for ident, n in counts.items() if n > 1]
+    if repeated:
+        shown = ", ".join(repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        raise UsageError(f"task {task!r} gave repeated question ids: {shown}; every question needs its own id")
+
+
+def rollout_row(c: Components, r: Rollout, limit: int) -> dict:
     return {
         "question": r.problem.id,
         "rollout": r.index,
@@ -164,32 +186,52 @@ def rollout_row(c: Components, r: Rollout) -> dict:
         "tokens": token_strings(c.student, r.generated_ids),
         "question_text": r.problem.question,
         "answer": r.problem.answer,
+        "cut": was_cut(c, r, limit),  # stopped by the max_new_tokens limit, not by an end-of-sequence token
     }
 
 
-def load_rollouts(c: Components, problems: list[Problem], run_dir: RunDir) -> list[Rollout] | None:
-    """The stored rollouts of a resumed run (prompts rebuilt from the task), or None."""
-    rows = run_dir.read("rollouts.jsonl")
-    if not rows:
+def was_cut(c: Components, r: Rollout, limit: int) -> bool:
+    """True when the rollout was stopped by the token limit (not by EOS or a stop string)."""
+    ids = r.generated_ids
+    return len(ids) >= limit and ids[-1] not in set(c.student.eos_token_ids)
+
+
+def load_rollouts(c: Components, problems: list[Problem], run_dir: RunDir, per_question: int) -> list[Rollout] | None:
+    """The stored rollouts of a resumed run (prompts rebuilt from the task), or
+    None when none are stored. They are verified: every line parses, names a
+    question of this run, and the set is complete (per_question rollouts of
+    every question); anything else is a UsageError saying how to recover."""
+    path = run_dir.path / "rollouts.jsonl"
+    recover = f"delete {path} and {run_dir.path / 'units'} to sample the rollouts again, or pick a new --run-dir"
+    rows = run_dir.read_jsonl("rollouts.jsonl", "rollout", recover)
+    if rows is None:
         return None
     by_id = {p.id: p for p in problems}
-    rollouts = []
-    for row in rows:
-        problem = by_id[row["question"]]
+    rollouts, seen = [], set()
+    for number, row in enumerate(rows, 1):
+        try:
+            key = (row["question"], int(row["rollout"]))
+            generated, text, correct = list(row["generated_ids"]), str(row["text"]), bool(row["correct"])
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"{path} record {number} lacks question, rollout, text, generated_ids or correct: {recover}") from None
+        problem = by_id.get(key[0])
+        if problem is None:
+            raise UsageError(f"{path} record {number} names question {key[0]!r}, which is not a question of this run: {recover}")
+        if key in seen or not 0 <= key[1] < per_question:
+            raise UsageError(f"{path} record {number} repeats or misnumbers rollout {key[1]} of question {key[0]!r}: {recover}")
+        seen.add(key)
         messages = c.task.student_messages(problem)
-        rollouts.append(
-            Rollout(problem, row["rollout"], c.student.encode_messages(messages), row["generated_ids"], row["text"], row["correct"], messages)
-        )
+        rollouts.append(Rollout(problem, key[1], c.student.encode_messages(messages), generated, text, correct, messages))
+    wanted = len(problems) * per_question
+    if len(rollouts) != wanted:
+        raise UsageError(f"{path} holds {len(rollouts)} of the run's {wanted} rollouts (a damaged or truncated file): {recover}")
     return rollouts
 
 
 def summarize(config, c: Components, rollouts, token_records, rollout_records) -> dict:
-    budget: dict[str, float] = {}
-    for record in rollout_records:
-        for key, value in record["budget"].items():
-            budget[key] = budget.get(key, 0) + value
-    masses = [r["covered_mass"] for r in token_records]
-    budget["mean_covered_mass"] = sum(masses) / len(masses) if masses else float("nan")
+    """summary.json: what the run was (task, student, space, plugins) and what
+    its records say (gadiag_core.store.records.record_summary)."""
+    rows = [rollout_row(c, r, config.student.max_new_tokens) for r in rollouts]
     return {
         "task": c.task.name,
         "task_version": c.task.version,
@@ -203,12 +245,6 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "objectives": list(c.objectives),
         # Non-default settings matter to read a row: e.g. {"jsd": {"beta": 0.9}}.
         "objective_options": {name: choice.option_dict() for name, choice in config.objectives.items() if choice.option_dict()},
-        "questions": len({r.problem.id for r in rollouts}),
-        "rollouts": len(rollouts),
-        "accuracy": sum(r.correct for r in rollouts) / len(rollouts) if rollouts else float("nan"),
-        "rollouts_correct": sum(r.correct for r in rollouts),
-        "budget": budget,
-        "rows": aggregate(token_records, rollout_records),
-        # The per-token oracle (split-half selection), switch rate, winners.
-        "oracle": oracle_summary(token_records),
+        "max_new_tokens": config.student.max_new_tokens,
+        **record_summary(rows, rollout_records, token_records),
     }

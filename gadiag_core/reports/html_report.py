@@ -19,12 +19,14 @@ red hurts; tokens that were not scored (screened out) stay uncoloured.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
 import re
 from pathlib import Path
 
+from gadiag_core.reports.leaderboard import leaderboard_notes
 from gadiag_core.scoring.alignment import REFERENCE_ROWS
 from gadiag_core.store.records import Run, finite, ideal_candidates, load_run
 from gadiag_core.reports.format import num
@@ -60,7 +62,10 @@ def colour(value) -> str:
 
 def page_name(question: str, taken: set[str] | None = None) -> str:
     """File name of a question's page (safe characters; unique within `taken`)."""
-    base = "question-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", question) or "_")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", question) or "_"
+    if len(safe) > 80 or safe.strip(".") == "":  # file-name limits; '.' and '..' are not names
+        safe = safe[:40].strip(".") + "-" + hashlib.sha256(question.encode("utf-8")).hexdigest()[:12]
+    base = "question-" + safe
     name, n = f"{base}.html", 1
     while taken is not None and name in taken:
         n += 1
@@ -261,9 +266,11 @@ def _leaderboard_html(run: Run) -> str:
                 ("objective", "distillation objective"),
                 ("align", "mean per-token cosine with the ideal gradient, all rollouts"),
                 ("95% CI", "bootstrap interval of align, resampling questions"),
+                ("corrected", "align with the Monte-Carlo noise of the ideal estimate removed (logits space)"),
                 ("incorrect", "mean per-token cosine on incorrect rollouts"),
                 ("correct", "mean per-token cosine on correct rollouts"),
                 ("per-question", "mean of the per-rollout cosines"),
+                ("corrected", "per-question cosine with the noise energy removed (logits space)"),
                 ("helps", "share of scored tokens with cosine > 0"),
                 ("hurts", "share of scored tokens with cosine < 0"),
                 ("nodes", "scored tokens with a defined cosine"),
@@ -280,7 +287,7 @@ def _leaderboard_html(run: Run) -> str:
             f"<td style=\"background:{colour(row.get(key))}\">{num(row.get(key))}</td>"
             if key
             else f"<td class=\"dim\">{_interval(row.get('ci_all'))}</td>"
-            for key in ("mean_all", None, "mean_incorrect", "mean_correct", "mean_question")
+            for key in ("mean_all", None, "mean_all_corrected", "mean_incorrect", "mean_correct", "mean_question", "mean_question_corrected")
         )
         return (
             f"<tr><td class=\"l\">{_esc(teacher)}</td><td class=\"l\">{_esc(objective)}</td>{cells}"
@@ -293,6 +300,7 @@ def _leaderboard_html(run: Run) -> str:
     return (
         f"<table class=\"leaderboard\"><thead><tr>{head}</tr></thead><tbody>{teacher_rows}</tbody>"
         f"<tbody class=\"ref\">{reference_rows}</tbody></table>"
+        + "".join(f"<p class=\"dim\">{_esc(note)}</p>" for note in leaderboard_notes(run.summary))
     )
 
 

@@ -44,17 +44,22 @@ def leaderboard_table(summary: dict) -> Table:
             f"{num(speed['mean_batch_size'], '{:.1f}')} requests on average; "
             f"{_pct(speed['share_outside_sampler'])} of {num(speed['wall_seconds'], '{:.0f}')} s outside the sampler"
         )
+    caption += (
+        "\nalign, incorrect, correct: token means with the Monte-Carlo noise of â* removed (SIMEX); per-question: "
+        "rollout cosines with the noise energy removed; raw: the uncorrected means; 95% CI: bootstrap over questions"
+    )
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for name, justify in [
         ("teacher", "left"),
         ("objective", "left"),
         ("align", "right"),
         ("95% CI", "right"),
-        ("corrected", "right"),
+        ("raw", "right"),
         ("incorrect", "right"),
         ("correct", "right"),
         ("per-question", "right"),
-        ("corrected", "right"),
+        ("95% CI ", "right"),
+        ("raw ", "right"),
         ("helps", "right"),
         ("hurts", "right"),
         ("nodes", "right"),
@@ -64,8 +69,8 @@ def leaderboard_table(summary: dict) -> Table:
 
     rows = summary["rows"]
     def best_first(name):
-        value = rows[name]["mean_all"]
-        return -value if value is not None and math.isfinite(value) else math.inf
+        value = rows[name].get("mean_all")
+        return -value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
 
     teacher_rows = sorted((name for name in rows if name not in REFERENCE_ROWS), key=best_first)
 
@@ -74,16 +79,17 @@ def leaderboard_table(summary: dict) -> Table:
         table.add_row(
             teacher,
             objective,
-            num(row["mean_all"]),
+            num(row.get("mean_all")),
             _interval(row.get("ci_all")),
-            num(row.get("mean_all_corrected")),
-            num(row["mean_incorrect"]),
-            num(row["mean_correct"]),
-            num(row["mean_question"]),
-            num(row.get("mean_question_corrected")),
-            _pct(row["helps"]),
-            _pct(row["hurts"]),
-            str(row["nodes"]),
+            num(row.get("mean_all_raw")),
+            num(row.get("mean_incorrect")),
+            num(row.get("mean_correct")),
+            num(row.get("mean_question")),
+            _interval(row.get("ci_question")),
+            num(row.get("mean_question_raw")),
+            _pct(row.get("helps")),
+            _pct(row.get("hurts")),
+            str(row.get("nodes", 0)),
             **style,
         )
 
@@ -96,25 +102,27 @@ def leaderboard_table(summary: dict) -> Table:
     for name in REFERENCE_ROWS:
         if name in rows:
             add(name, name, "reference", style="dim")
-    add_oracle_rows(table, summary.get("oracle"))
     return table
 
 
-def add_oracle_rows(table: Table, oracle: dict | None) -> None:
-    """The per-token oracle and the best single row, both chosen on one half of
-    â* and scored on the other (gadiag_core.scoring.oracle): comparable with
-    each other, not with the align column (scored on the whole estimate)."""
+def oracle_table(summary: dict) -> Table | None:
+    """The per-token oracle beside the best single row, both chosen on one half
+    of â* and scored on the other (gadiag_core.scoring.oracle): raw cosines
+    against a half estimate, comparable with each other, not with the
+    leaderboard's align column. None for runs without an oracle."""
+    oracle = summary.get("oracle")
     if not oracle or "all" not in oracle or "oracle" not in oracle["all"]:
-        return
-    table.add_section()
+        return None
+    table = Table(title="per-token oracle (split-half: chosen on one half of the ideal estimate, scored on the other)", title_justify="left")
+    for name, justify in [("row", "left"), ("chosen", "left"), ("all", "right"), ("95% CI", "right"), ("incorrect", "right"), ("correct", "right"), ("nodes", "right")]:
+        table.add_column(name, justify=justify, no_wrap=True)
     splits = [oracle.get(s, {}) for s in ("all", "incorrect", "correct")]
-    # Both rows are scored split-half (against one half of â*), the oracle per token.
-    for label, what, key in (("oracle ½", "per-token best", "oracle"), ("best single ½", oracle["all"]["best_single"], "single")):
+    for label, what, key in (("oracle", "best row per token", "oracle"), ("best single row", oracle["all"]["best_single"], "single")):
         table.add_row(
-            label, what, num(splits[0].get(key)), _interval(splits[0].get(f"{key}_ci")), "",
-            num(splits[1].get(key)), num(splits[2].get(key)), "", "", "", "", str(splits[0].get("nodes", "")),
-            style="italic",
+            label, what, num(splits[0].get(key)), _interval(splits[0].get(f"{key}_ci")),
+            num(splits[1].get(key)), num(splits[2].get(key)), str(splits[0].get("nodes", "")),
         )
+    return table
 
 
 def oracle_lines(summary: dict) -> list[str]:
@@ -126,8 +134,7 @@ def oracle_lines(summary: dict) -> list[str]:
     wins = ", ".join(f"{row} {count}" for row, count in list(oracle.get("wins", {}).items())[:4])
     top = ", ".join(f"{row} {count}" for row, count in list(oracle.get("question_top", {}).items())[:4])
     return [
-        f"½ split-half: chosen on one half of the ideal estimate, scored on the other "
-        f"(incorrect/correct columns: chosen within that split). "
+        f"(incorrect/correct: each split chooses its own best single row.) "
         f"Per-token oracle over {len(oracle['rows'])} rows: {num(a['oracle'])} vs best single row {a['best_single']} "
         f"{num(a['single'])} (both split-half) — headroom {num(a['headroom'], '{:+.3f}')} [{_interval(a.get('headroom_ci'))}]; "
         f"picking and scoring on the same half would claim {num(a['same_half_headroom'], '{:+.3f}')}",
@@ -136,11 +143,84 @@ def oracle_lines(summary: dict) -> list[str]:
     ]
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def nothing_scored_reason(summary: dict) -> str:
+    """Why no node was scored, from the counts of the run: what every rollout
+    did, and what to change."""
+    n = int(summary.get("rollouts") or 0)
+    correct = int(summary.get("rollouts_correct") or 0)
+    cut = int(summary.get("rollouts_cut") or 0)
+    limit = summary.get("max_new_tokens")
+    limit_text = f"the max_new_tokens = {limit} limit" if limit else "the token limit"
+    if n == 0:
+        return "nothing was scored: the run has no rollouts yet"
+    cut_text = f", {cut} of them cut at {limit_text}" if cut else ""
+    all_of = "the 1 rollout is" if n == 1 else f"all {n} rollouts are"
+    eligible = (summary.get("budget") or {}).get("nodes_eligible")
+    if eligible == 0:
+        return (
+            f"nothing was scored: {correct} of {_count(n, 'rollout')} correct, and the student was nearly certain at every "
+            "token (1 − π_max below estimator.screen_epsilon), so every ideal vector is provably tiny; lower screen_epsilon"
+        )
+    if correct == n:
+        what = f"{all_of} correct"
+    elif correct == 0:
+        what = f"{all_of} incorrect{cut_text}"
+    else:
+        return (
+            f"nothing was scored: {correct} of {n} rollouts are correct{cut_text}, but the estimator found no node where "
+            "a different token changes the outcome within its budget; raise estimator.continuations or the budget"
+        )
+    return (
+        f"nothing was scored: {what}. When every continuation ends the same way, Q̂ = V̂ at every node and the ideal "
+        "gradient is zero; pick questions the student solves sometimes (pass rate 0.2–0.8): "
+        + ("raise student.max_new_tokens, " if cut else "")
+        + "use easier or harder questions, or more rollouts per question"
+    )
+
+
+def leaderboard_notes(summary: dict) -> list[str]:
+    """Lines printed under the table: why nothing was scored, which teachers
+    were skipped on how many rollouts (their context did not exist)."""
+    notes = []
+    rows = summary.get("rows") or {}
+    teacher_rows = [name for name in rows if name not in REFERENCE_ROWS]
+    if not any((row.get("nodes") or 0) > 0 for row in rows.values()):
+        notes.append(nothing_scored_reason(summary))
+    elif not teacher_rows:
+        notes.append("no teacher row: every teacher was skipped on every rollout (see below), so only the reference rows are defined")
+    n = int(summary.get("rollouts_diagnosed", summary.get("rollouts")) or 0)
+    for teacher, count in sorted((summary.get("teachers_skipped") or {}).items()):
+        notes.append(f"teacher {teacher} skipped on {count} of {_count(n, 'rollout')}: its context does not exist there{_SKIP_WHY.get(teacher, '')}")
+    return notes
+
+
+# Why a built-in context is missing, for the skip notes.
+_SKIP_WHY = {
+    "self_success": " (no other correct rollout of the question)",
+    "solution": " (the task has no worked solution for the question: a JSONL file without solution_field)",
+    "other_solution": " (no other question of the run has a worked solution)",
+}
+
+
 def print_leaderboard(summary: dict, console: Console | None = None) -> None:
-    """Print the table; off a terminal (a file, a pipe) use a width it fits in."""
+    """Print the table and its notes; off a terminal (a file, a pipe) use a width it fits in."""
     console = console or Console()
     if not console.is_terminal:
         console = Console(file=console.file, width=160)
     console.print(leaderboard_table(summary))
+    for note in leaderboard_notes(summary):
+        console.print(note, highlight=False, markup=False)
+    print_oracle(summary, console)
+
+
+def print_oracle(summary: dict, console: Console) -> None:
+    """The oracle's table and its lines (nothing for runs without an oracle)."""
+    table = oracle_table(summary)
+    if table is not None:
+        console.print(table)
     for line in oracle_lines(summary):
         console.print(line, highlight=False)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS, aggregate
-from gadiag_core.errors import UsageError
+from gadiag_core.errors import UsageError, cannot_write
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,6 +49,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 RECORD_FILES = ("tokens", "questions", "rollouts")
+# What every summary.json holds (the leaderboard reads them).
+SUMMARY_KEYS = ("task", "student", "space", "estimator", "questions", "rollouts", "rollouts_correct", "accuracy", "budget", "rows")
 
 
 # ----------------------------------------------------------------------------
@@ -56,9 +58,28 @@ RECORD_FILES = ("tokens", "questions", "rollouts")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file ([] when absent); UsageError naming the line that does not parse."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"{path} line {number} is not valid JSON ({exc.msg}): the file is damaged") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path} line {number} is not a record: the file is damaged")
+        rows.append(row)
+    return rows
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}): {what}") from None
 
 
 def _finite(value) -> bool:
@@ -159,23 +180,79 @@ def load_run(path: str | Path) -> Run:
     if not config_path.is_file() and not summary_path.is_file():
         raise UsageError(f"{path} is not a run directory (no config.toml or summary.json)")
     try:
-        config = tomllib.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            config = tomllib.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{config_path} is not valid TOML ({exc})") from None
         rollouts = _read_jsonl(path / "rollouts.jsonl")
         questions = _read_jsonl(path / "questions.jsonl")
         tokens = _read_jsonl(path / "tokens.jsonl")
         if not questions and (path / "units").is_dir():
-            # An unfinished run: the diagnosed rollouts are in units/.
+            # An unfinished run: the diagnosed rollouts are in units/ (damaged ones are left out).
             for unit_path in sorted((path / "units").glob("*.json")):
-                unit = json.loads(unit_path.read_text())
-                questions.append(unit["rollout"])
-                tokens.extend(unit["tokens"])
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    except (ValueError, KeyError, OSError) as exc:
+                try:
+                    unit = json.loads(unit_path.read_text(encoding="utf-8"))
+                    record, unit_tokens = unit["rollout"], list(unit["tokens"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                questions.append(record)
+                tokens.extend(unit_tokens)
+        summary = None
+        if summary_path.is_file():
+            summary = _read_json(summary_path, "rerun the same command on this run directory to rebuild it, or delete it")
+            if (
+                not isinstance(summary, dict)
+                or any(key not in summary for key in SUMMARY_KEYS)
+                or not isinstance(summary["rows"], dict)
+                or not all(isinstance(row, dict) for row in summary["rows"].values())
+                or not isinstance(summary["budget"], dict)
+            ):
+                raise UsageError(f"{summary_path} is not a gadiag summary: rerun the same command on this run directory to rebuild it, or delete it")
+    except OSError as exc:
         raise UsageError(f"cannot read run directory {path}: {exc}") from None
     finished = summary is not None
     if summary is None:
         summary = rebuild_summary(config, rollouts, questions, tokens)
     return Run(path, config, summary, rollouts, questions, tokens, finished)
+
+
+def skipped_counts(questions: list[dict]) -> dict[str, int]:
+    """Teacher -> diagnosed rollouts on which it was skipped (no context)."""
+    counts: dict[str, int] = {}
+    for record in questions:
+        for name in record.get("skipped_teachers") or []:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def record_summary(rollouts: list[dict], questions: list[dict], tokens: list[dict]) -> dict:
+    """The parts of summary.json that come from the records alone (the run's
+    summary and the one `report` rebuilds for an unfinished run share them):
+    counts, accuracy, budget totals, skipped teachers, the aggregates and the
+    per-token oracle (gadiag_core.scoring.oracle).
+
+    rollouts: rows of rollouts.jsonl (question, correct, cut); questions: rows of
+    questions.jsonl; tokens: rows of tokens.jsonl."""
+    budget: dict[str, float] = {}
+    for record in questions:
+        for key, value in record.get("budget", {}).items():
+            budget[key] = budget.get(key, 0) + value
+    masses = [r["covered_mass"] for r in tokens if _finite(r.get("covered_mass"))]
+    budget["mean_covered_mass"] = sum(masses) / len(masses) if masses else None
+    diagnosed = rollouts or questions
+    correct = sum(bool(r.get("correct")) for r in diagnosed)
+    return {
+        "questions": len({r["question"] for r in diagnosed}),
+        "rollouts": len(diagnosed),
+        "accuracy": correct / len(diagnosed) if diagnosed else None,
+        "rollouts_correct": correct,
+        "rollouts_cut": sum(bool(r.get("cut")) for r in rollouts),
+        "teachers_skipped": skipped_counts(questions),
+        "budget": budget,
+        "rows": aggregate(tokens, questions),
+        # The per-token oracle (split-half selection), switch rate, winners.
+        "oracle": _oracle(tokens),
+    }
 
 
 def _oracle(tokens: list[dict]):
@@ -187,14 +264,6 @@ def _oracle(tokens: list[dict]):
 def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], tokens: list[dict]) -> dict:
     """The summary of an unfinished run, from its config and the records so far."""
     run, student = config.get("run", {}), config.get("student", {})
-    budget: dict[str, float] = {}
-    for record in questions:
-        for key, value in record.get("budget", {}).items():
-            budget[key] = budget.get(key, 0) + value
-    masses = [r["covered_mass"] for r in tokens if _finite(r.get("covered_mass"))]
-    budget["mean_covered_mass"] = sum(masses) / len(masses) if masses else None
-    diagnosed = rollouts or questions
-    correct = sum(bool(r.get("correct")) for r in diagnosed)
     return {
         "task": run.get("task", "?"),
         "task_version": "?",
@@ -202,13 +271,8 @@ def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], t
         "space": run.get("space", "?"),
         "estimator": config.get("estimator", {}).get("name", "?"),
         "sampler": config.get("sampler", {}).get("name", "?"),
-        "questions": len({r["question"] for r in diagnosed}),
-        "rollouts": len(diagnosed),
-        "rollouts_correct": correct,
-        "accuracy": correct / len(diagnosed) if diagnosed else None,
-        "budget": budget,
-        "rows": aggregate(tokens, questions),
-        "oracle": _oracle(tokens),
+        "max_new_tokens": student.get("max_new_tokens"),
+        **record_summary(rollouts, questions, tokens),
         "rollouts_diagnosed": len(questions),
         "partial": True,
     }
@@ -267,8 +331,12 @@ def write_parquet(run_dir: str | Path) -> list[Path]:
     for name, records in (("tokens", run.tokens), ("questions", run.questions), ("rollouts", run.rollouts)):
         target = run.path / f"{name}.parquet"
         temp = target.with_name(target.name + ".tmp")
-        pq.write_table(records_table(records), temp)
-        temp.replace(target)
+        try:
+            pq.write_table(records_table(records), temp)
+            temp.replace(target)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise cannot_write(target, exc) from None
         written.append(target)
     return written
 

@@ -1,0 +1,202 @@
+"""What a leaderboard prints, against the exact values (issue 14).
+
+Inputs are records as a run writes them (tokens.jsonl, questions.jsonl): one
+set from the estimator under test and one from the exact estimator over the
+same rollouts (pipeline runs with the same seed, or
+`gadiag_core.certify.records.environment_records` on the exact environment).
+For every teacher × objective row and every split (all / correct / incorrect
+token means, and the per-question mean) it compares
+
+    headline   the leaderboard's `align` (gadiag_core.scoring.alignment: SIMEX token mean)
+    raw        the mean of raw token cosines (the headline before issue 14)
+    global     the former `corrected` column (one energy factor per row)
+
+with the exact mean over the same nodes (rollouts for the per-question
+score), and checks whether the leaderboard's 95% interval contains it.
+Reference rows (rl_outcome, noise_ceiling) are left out: their b or their
+truth depends on the estimator itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from gadiag_core.scoring.alignment import REFERENCE_ROWS, aggregate, bootstrap_ci
+
+SPLITS = ("all", "correct", "incorrect", "question")
+METHODS = ("headline", "raw", "global")
+
+
+@dataclass
+class RowError:
+    """One leaderboard entry (a row and split of one run) against the exact value."""
+
+    row: str
+    split: str
+    exact: float
+    values: dict  # method -> estimate
+    intervals: dict  # method -> (low, high); the interval the leaderboard prints for it
+    nodes: int
+
+    @property
+    def objective(self) -> str:
+        return self.row.partition("/")[2]
+
+
+def _key(record: dict) -> tuple:
+    return record["question"], record["rollout"], record["node"]
+
+
+def _finite(value) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def leaderboard_errors(tokens: list[dict], rollouts: list[dict], exact_tokens: list[dict], exact_rollouts: list[dict]) -> list[RowError]:
+    """Every teacher × objective row and split of one run against the exact run.
+
+    Nodes (and rollouts) are matched by (question, rollout, node); a (node, row)
+    pair counts where both cosines are finite (an exact a* = 0 has no direction).
+    """
+    exact_by_key = {_key(r): r for r in exact_tokens}
+    matched = []
+    for record in tokens:
+        other = exact_by_key.get(_key(record))
+        if other is None:
+            continue
+        keep = {row: v for row, v in record["cos"].items() if row not in REFERENCE_ROWS and _finite(v) and _finite(other["cos"].get(row))}
+        if keep:
+            matched.append((dict(record, cos=keep), other))
+    summary = aggregate([r for r, _ in matched], rollouts)
+    exact_sums = defaultdict(lambda: defaultdict(list))
+    raw_groups = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for record, other in matched:
+        split = "correct" if record["correct"] else "incorrect"
+        for row, value in record["cos"].items():
+            for s in ("all", split):
+                exact_sums[row][s].append(other["cos"][row])
+                raw_groups[row][s][record["question"]].append(value)
+    out = []
+    for row in sorted(exact_sums):
+        entry = summary.get(row)
+        if entry is None:
+            continue
+        for s in ("all", "correct", "incorrect"):
+            truth = exact_sums[row][s]
+            if not truth:
+                continue
+            out.append(
+                RowError(
+                    row, s, sum(truth) / len(truth),
+                    {"headline": entry[f"mean_{s}"], "raw": entry[f"mean_{s}_raw"], "global": entry[f"mean_{s}_corrected"]},
+                    {"headline": tuple(entry[f"ci_{s}"]), "raw": bootstrap_ci(raw_groups[row][s])},
+                    len(truth),
+                )
+            )
+    # Per-question score: mean over rollouts of the rollout's pooled cosine.
+    exact_q = {(r["question"], r["rollout"]): r.get("question_cos", {}) for r in exact_rollouts}
+    per_row = defaultdict(lambda: {"exact": [], "headline": defaultdict(list), "raw": defaultdict(list)})
+    for record in rollouts:
+        truth = exact_q.get((record["question"], record["rollout"]), {})
+        corrected = record.get("question_cos_corrected", {})
+        for row, value in record.get("question_cos", {}).items():
+            if row in REFERENCE_ROWS or not _finite(value) or not _finite(truth.get(row)):
+                continue
+            head = corrected.get(row, value)
+            if not _finite(head):
+                continue
+            per_row[row]["exact"].append(truth[row])
+            per_row[row]["headline"][record["question"]].append(head)
+            per_row[row]["raw"][record["question"]].append(value)
+    for row, d in sorted(per_row.items()):
+        head = [v for vs in d["headline"].values() for v in vs]
+        raw = [v for vs in d["raw"].values() for v in vs]
+        out.append(
+            RowError(
+                row, "question", sum(d["exact"]) / len(d["exact"]),
+                {"headline": max(-1.0, min(1.0, sum(head) / len(head))), "raw": sum(raw) / len(raw)},
+                {"headline": bootstrap_ci(d["headline"]), "raw": bootstrap_ci(d["raw"])},
+                len(head),
+            )
+        )
+    return out
+
+
+@dataclass
+class SplitStats:
+    """Errors of one method in one split over many leaderboard entries."""
+
+    n: int
+    mean_abs: float
+    max_abs: float
+    bias: float
+    bias_se: float
+    coverage: float  # share of entries whose printed interval contains the exact value (nan: none printed)
+    by_objective: dict  # objective -> (bias, bias_se)
+
+
+def _bias(errors: list[float]) -> tuple[float, float]:
+    n = len(errors)
+    if not n:
+        return math.nan, math.nan
+    mean = sum(errors) / n
+    sd = math.sqrt(sum((e - mean) ** 2 for e in errors) / (n - 1)) if n > 1 else math.nan
+    return mean, sd / math.sqrt(n)
+
+
+def split_stats(errors: list[RowError], method: str, split: str, tol: float = 1e-9) -> SplitStats:
+    chosen = [e for e in errors if e.split == split and _finite(e.values.get(method))]
+    deltas = [e.values[method] - e.exact for e in chosen]
+    hits = []
+    for e in chosen:
+        low, high = e.intervals.get(method, (math.nan, math.nan))
+        if _finite(low) and _finite(high):
+            hits.append(low - tol <= e.exact <= high + tol)
+    by_objective = {}
+    for objective in sorted({e.objective for e in chosen}):
+        by_objective[objective] = _bias([e.values[method] - e.exact for e in chosen if e.objective == objective])
+    bias, bias_se = _bias(deltas)
+    return SplitStats(
+        n=len(deltas),
+        mean_abs=sum(abs(d) for d in deltas) / len(deltas) if deltas else math.nan,
+        max_abs=max((abs(d) for d in deltas), default=math.nan),
+        bias=bias,
+        bias_se=bias_se,
+        coverage=sum(hits) / len(hits) if hits else math.nan,
+        by_objective=by_objective,
+    )
+
+
+@dataclass
+class Agreement:
+    """Budget invariance: the same runs at a larger budget against the default one."""
+
+    n: int
+    overlap: float  # share of entries whose two intervals overlap
+    shift: float  # mean signed change of the headline (larger budget − default)
+    shift_se: float
+    mean_abs_shift: float
+
+
+def budget_agreement(default: list[RowError], larger: list[RowError], method: str = "headline") -> Agreement:
+    """Match entries by (run, row, split): `default` and `larger` are lists of
+    (run id, RowError) pairs."""
+    index = {(run, e.row, e.split): e for run, e in default}
+    overlaps, shifts = [], []
+    for run, e in larger:
+        base = index.get((run, e.row, e.split))
+        if base is None or not (_finite(base.values.get(method)) and _finite(e.values.get(method))):
+            continue
+        shifts.append(e.values[method] - base.values[method])
+        (l0, h0), (l1, h1) = base.intervals.get(method, (math.nan,) * 2), e.intervals.get(method, (math.nan,) * 2)
+        if all(_finite(v) for v in (l0, h0, l1, h1)):
+            overlaps.append(max(l0, l1) <= min(h0, h1))
+    shift, shift_se = _bias(shifts)
+    return Agreement(
+        n=len(shifts),
+        overlap=sum(overlaps) / len(overlaps) if overlaps else math.nan,
+        shift=shift,
+        shift_se=shift_se,
+        mean_abs_shift=sum(abs(s) for s in shifts) / len(shifts) if shifts else math.nan,
+    )

@@ -1,0 +1,144 @@
+"""Issue 14: leaderboard means without the noise shrinkage, intervals that cover.
+
+A synthetic population of nodes with known Q (so the exact cosines are known):
+Q̂ is drawn as a binomial mean of n continuations per candidate, exactly the
+noise the estimators have, and the records are those a run writes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gadiag_core.certify.leaderboard import budget_agreement, leaderboard_errors, split_stats
+from gadiag_core.scoring import noise
+from gadiag_core.scoring.alignment import aggregate
+
+
+def population(nodes: int, seed: int, candidates: int = 4, rows: int = 2, spread: float = 0.4):
+    """Nodes with π over `candidates` tokens (mass 0.9), Q spread around a value,
+    and objective vectors b correlated with a* (so that true cosines are far from 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(nodes):
+        probs = torch.softmax(torch.randn(candidates, generator=g, dtype=torch.float64), 0) * 0.9
+        value = torch.rand((), generator=g, dtype=torch.float64) * 0.6 + 0.2
+        q = (value + spread * torch.randn(candidates, generator=g, dtype=torch.float64)).clamp(0.02, 0.98)
+        a = noise.ideal_map(probs) @ q
+        b = torch.stack([0.8 * a / a.norm() * (1 if r % 2 == 0 else -1) + 0.6 * torch.randn(candidates, generator=g, dtype=torch.float64) / math.sqrt(candidates) for r in range(rows)])
+        b_unit = b / (b.norm(dim=-1, keepdim=True) * 1.1)  # ‖b‖ over the full vocabulary is a bit larger
+        out.append((probs, q, b_unit))
+    return out
+
+
+def draw_records(pop, n: int, seed: int, questions: int):
+    """Token records (as a run writes them) with Q̂ ~ Binomial(n, Q)/n, and the exact ones."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, exact = [], []
+    for i, (probs, q, b_unit) in enumerate(pop):
+        q_hat = torch.binomial(torch.full_like(q, float(n)), q, generator=g) / n
+        raw = noise.candidate_cosine(q_hat, probs, b_unit)
+        truth = noise.candidate_cosine(q, probs, b_unit)
+        base = {"question": f"q{i % questions}", "rollout": 0, "node": i, "correct": i % 3 == 0}
+        rows = [f"t{r}/o" for r in range(len(b_unit))]
+        tokens.append(dict(base, cos=dict(zip(rows, raw.tolist())), candidate_pi=probs.tolist(), q_hat=q_hat.tolist(),
+                           counts=[n] * len(q), temperature=1.0, b_cand={row: b_unit[j].tolist() for j, row in enumerate(rows)}))
+        exact.append(dict(base, cos=dict(zip(rows, truth.tolist()))))
+    return tokens, exact
+
+
+def test_simex_weights_extrapolate_polynomials_exactly():
+    w = noise.simex_weights()
+    lam = torch.tensor(noise.SIMEX_LEVELS, dtype=torch.float64)
+    assert float(w.sum()) == pytest.approx(1.0)
+    curve = 0.3 - 0.2 * lam + 0.05 * lam**2
+    assert float(w @ curve) == pytest.approx(0.3 + 0.2 + 0.05)
+
+
+def test_simex_leaves_noise_free_nodes_alone():
+    probs = torch.tensor([0.5, 0.3, 0.1], dtype=torch.float64)
+    q = torch.tensor([0.9, 0.2, 0.5], dtype=torch.float64)
+    b_unit = torch.tensor([[0.5, -0.5, 0.1]], dtype=torch.float64)
+    value, var = noise.simex_cosine(probs, q, torch.zeros(3), b_unit)  # counts 0: exact Q
+    assert torch.allclose(value, noise.candidate_cosine(q, probs, b_unit))
+    assert float(var.abs().max()) == 0.0
+
+
+def sign_aligned_biases(n: int, nodes: int = 200, reps: int = 3) -> tuple[float, float]:
+    """(raw bias, SIMEX bias) of the mean cosine, each node's rows multiplied by
+    the sign of their exact cosine, so that shrinkage toward 0 is negative."""
+    pop = population(nodes, seed=1)
+    truth, raw, simex = [], [], []
+    for rep in range(reps):
+        tokens, exact = draw_records(pop, n, seed=100 + rep, questions=40)
+        for t, x in zip(tokens, exact):
+            probs = torch.tensor(t["candidate_pi"], dtype=torch.float64)
+            q_hat = torch.tensor(t["q_hat"], dtype=torch.float64)
+            b_unit = torch.tensor([t["b_cand"][r] for r in t["cos"]], dtype=torch.float64)
+            value, _ = noise.simex_cosine(probs, q_hat, torch.full_like(q_hat, float(n)), b_unit, seed=t["node"] + 1000 * rep)
+            # sign-aligned with the truth, so that shrinkage shows as a negative error
+            sign = torch.sign(torch.tensor(list(x["cos"].values())))
+            truth.append(float((sign * torch.tensor(list(x["cos"].values()))).mean()))
+            raw.append(float((sign * torch.tensor(list(t["cos"].values()))).mean()))
+            simex.append(float((sign * value).mean()))
+    exact_mean = sum(truth) / len(truth)
+    return sum(raw) / len(raw) - exact_mean, sum(simex) / len(simex) - exact_mean
+
+
+def test_simex_is_unbiased_where_the_noise_is_small():
+    """256 continuations per candidate: the raw mean is still shrunk measurably
+    (−0.006 here); the SIMEX mean is exact up to the test's own Monte-Carlo error
+    (measured −0.0002). At 64 continuations: raw −0.025, SIMEX −0.009."""
+    raw_bias, simex_bias = sign_aligned_biases(256)
+    assert raw_bias < -0.004
+    assert abs(simex_bias) < 0.002
+
+
+def test_simex_removes_most_of_the_shrinkage():
+    """8 continuations per candidate (noise energy comparable to ‖a*‖² at many
+    nodes): SIMEX removes well over half of the shrinkage, not all of it (the
+    quadratic extrapolant cannot recover nodes where noise dominates)."""
+    raw_bias, simex_bias = sign_aligned_biases(8)
+    assert raw_bias < -0.05
+    assert abs(simex_bias) < 0.4 * abs(raw_bias)
+
+
+def test_intervals_cover_the_exact_mean_on_a_simulated_run():
+    """12 simulated runs (30 questions × 6 nodes, 32 continuations per candidate):
+    the headline's 95% interval contains the exact mean over the same nodes in
+    ≥ 80% of the cases (measured 87.5%), the raw mean's interval never does (the
+    shrinkage dwarfs it). At 8 continuations the headline covers only ~40%: the
+    residual shrinkage there is larger than the interval (see the issue's report)."""
+    pop = population(180, seed=2)
+    hits = {"headline": 0, "raw": 0}
+    total = 0
+    for rep in range(12):
+        tokens, exact = draw_records(pop, 32, seed=200 + rep, questions=30)
+        for e in leaderboard_errors(tokens, [], exact, []):
+            if e.split != "all":
+                continue
+            total += 1
+            for method in hits:
+                low, high = e.intervals[method]
+                hits[method] += low <= e.exact <= high
+    assert total == 24
+    assert hits["headline"] / total >= 0.8
+    assert hits["raw"] / total <= 0.2
+
+
+def test_budget_invariance_of_the_headline():
+    """The same nodes at 8 and 32 continuations: headline means agree within their
+    intervals, and move less between budgets than the raw means do."""
+    pop = population(240, seed=3)
+    small, large = [], []
+    for rep in range(8):
+        for n, out in ((8, small), (32, large)):
+            tokens, exact = draw_records(pop, n, seed=300 + rep + 1000 * n, questions=40)
+            out += [(rep, e) for e in leaderboard_errors(tokens, [], exact, [])]
+    head = budget_agreement(small, large, "headline")
+    raw = budget_agreement(small, large, "raw")
+    assert head.n == raw.n == 8 * 2 * 3
+    assert head.overlap >= 0.9
+    assert head.mean_abs_shift < 0.6 * raw.mean_abs_shift
