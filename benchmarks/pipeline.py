@@ -6,8 +6,11 @@ configuration and seed.
 
 Printed per way: wall time of the diagnosis, sampled tokens, time inside the
 sampler, effective sampler tokens/s, sampler calls, mean batch size, share of
-the time outside the sampler; then the ratios (scheduler / sequential), and
-whether the records (rollouts, tokens, questions) are byte-identical.
+the time outside the sampler; then the ratios (scheduler / sequential), whether the records
+(rollouts, tokens, questions) are byte-identical, how many rollouts'
+diagnoses differ, and the largest move of a headline mean against its
+interval (differently batched matmuls round differently, and a token whose
+uniform lies within ~1e-7 of a CDF boundary can flip).
 
     python benchmarks/pipeline.py                       # the README's default job (harness.toml)
     python benchmarks/pipeline.py --questions 2 --threads 1   # a quick look
@@ -38,7 +41,7 @@ def load_average() -> str:
         return "n/a"
 
 
-def run_once(argv: list[str], run_dir: Path) -> tuple[dict, float, dict]:
+def run_once(argv: list[str], run_dir: Path) -> tuple[dict, float, dict, dict]:
     from rich.console import Console
 
     from gadiag_core.commands.run import resolve_config
@@ -49,7 +52,30 @@ def run_once(argv: list[str], run_dir: Path) -> tuple[dict, float, dict]:
     with open(os.devnull, "w") as quiet:
         _, summary = run(config, registry, Console(file=quiet, stderr=False))
     wall = time.perf_counter() - start
-    return summary["throughput"], wall, {name: (run_dir / name).read_bytes() for name in RECORDS}
+    return summary["throughput"], wall, {name: (run_dir / name).read_bytes() for name in RECORDS}, summary["rows"]
+
+
+def compare(seq: tuple, sched: tuple) -> str:
+    """How far apart the two ways' records are: rollouts whose diagnosis differs
+    (float rounding of differently batched matmuls can flip a sampled token),
+    and the largest change of a headline mean against its interval."""
+    a = seq[4]["questions.jsonl"].decode().splitlines()
+    b = sched[4]["questions.jsonl"].decode().splitlines()
+    differ = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+    worst = ""
+    rows_a, rows_b = seq[5], sched[5]
+    moves = []
+    for row, ra in rows_a.items():
+        rb = rows_b.get(row, {})
+        ma, mb, ci = ra.get("mean_all"), rb.get("mean_all"), ra.get("ci_all") or [None, None]
+        if None in (ma, mb) or None in ci:
+            continue
+        half = (ci[1] - ci[0]) / 2
+        moves.append((abs(mb - ma) / half if half > 0 else float("inf"), row, mb - ma, half))
+    if moves:
+        ratio, row, delta, half = max(moves)
+        worst = f"; largest headline move {row} {delta:+.3f} against a ±{half:.3f} interval ({ratio:.2f} of its half-width)"
+    return f"rollouts whose diagnosis differs: {differ} of {len(a)}{worst}"
 
 
 def main() -> int:
@@ -69,13 +95,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(1 + args.repeats):
             for label, in_flight in (("sequential", 1), (f"scheduler ({args.in_flight})", args.in_flight)):
-                stats, wall, records = run_once(base + ["--set", f"run.in_flight={in_flight}"], Path(tmp) / f"{pair}-{in_flight}")
-                rows.append((pair, label, stats, wall, records))
+                stats, wall, records, means = run_once(base + ["--set", f"run.in_flight={in_flight}"], Path(tmp) / f"{pair}-{in_flight}")
+                rows.append((pair, label, stats, wall, records, means))
                 print(f"  pair {pair} {label}: {wall:.1f} s", file=sys.stderr)
     print(f"load average after:  {load_average()}")
     header = f"{'pair':>4}  {'way':<16} {'wall s':>8} {'tokens':>7} {'sampler s':>9} {'tok/s':>7} {'calls':>6} {'batch':>6} {'outside':>8}"
     print(header)
-    for pair, label, s, wall, _ in rows:
+    for pair, label, s, wall, _, _ in rows:
         print(
             f"{pair:>4}  {label:<16} {wall:8.1f} {s['sampled_tokens']:7d} {s['sampler_seconds']:9.1f} "
             f"{s['tokens_per_second'] or 0:7.0f} {s['sampler_calls']:6d} {s['mean_batch_size'] or 0:6.1f} {100 * (s['share_outside_sampler'] or 0):7.0f}%"
@@ -87,6 +113,7 @@ def main() -> int:
             f"sampler tokens/s ratio {(sched[2]['tokens_per_second'] or 0) / max(seq[2]['tokens_per_second'] or 1e-9, 1e-9):.2f}×, "
             f"records identical: {json.dumps(seq[4] == sched[4])}"
         )
+        print(f"pair {pair}: {compare(seq, sched)}")
     return 0
 
 

@@ -65,7 +65,7 @@ class RunOptions:
     space: str = option("logits", "gradient space: logits, hidden, params, params:last<N>, params:re:<regex>", check=_check_space)
     plugins_dirs: list[str] = option([], "folders of loose plugin files")
     threads: int = option(0, "torch CPU threads (0 = all cores)", min=0, max=1024)
-    in_flight: int = option(8, "rollouts diagnosed together: their continuation requests share sampler calls (1 = one after another)", min=1, max=4096)
+    in_flight: int = option(8, "rollouts diagnosed together, in fixed waves: their continuation requests share sampler calls (1 = one after another)", min=1, max=4096)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,10 @@ RECORDS = ("rollouts.jsonl", "tokens.jsonl", "questions.jsonl")
 
 
 def test_records_do_not_depend_on_rollouts_in_flight(tmp_path, toy_model_dir, capsys):
+    """On the toy student, one rollout at a time and twelve in flight give the
+    same records in fewer, larger sampler calls. (On a real model differently
+    batched matmuls round differently and a rare token can flip; resumption
+    stays exact because a run always batches in the same fixed waves.)"""
     config = tmp_path / "harness.toml"
     config.write_text(TOY_CONFIG)
     files, speed = {}, {}

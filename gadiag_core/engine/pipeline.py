@@ -131,15 +131,26 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
         bar = progress.add_task("diagnosing rollouts", total=len(rollouts), completed=len(rollouts) - len(todo))
 
         def finished(r: Rollout, result) -> None:
+            if unit_name(r) in done:
+                return  # diagnosed again only to keep its wave's batches as they were
             records, rollout_record = result
             run_dir.write_unit(unit_name(r), {"tokens": records, "rollout": rollout_record})
             progress.advance(bar)
 
-        # Up to run.in_flight rollouts at once; their continuation requests
-        # share sampler calls (gadiag_core.engine.scheduler). Units are written
-        # as they finish; the final files are assembled in a fixed order below.
-        starts = ((r, partial(diagnosis_steps, c, r, by_question[r.problem.id], problems, config)) for r in todo)
-        run_interleaved(starts, sample, config.run.in_flight, finished)
+        # Rollouts go in fixed waves of run.in_flight (in rollout order); the
+        # members of a wave are diagnosed together and their continuation
+        # requests share sampler calls (gadiag_core.engine.scheduler). A wave
+        # is the unit of batching: a resumed run diagnoses every wave with a
+        # missing unit whole, so each sampler call holds exactly the requests
+        # it held in an uninterrupted run, and float rounding of the batched
+        # matmuls cannot make a resumed run differ. Units are written as they
+        # finish; the final files are assembled in a fixed order below.
+        size = config.run.in_flight
+        for wave in (rollouts[i : i + size] for i in range(0, len(rollouts), size)):
+            if all(unit_name(r) in done for r in wave):
+                continue
+            starts = [(r, partial(diagnosis_steps, c, r, by_question[r.problem.id], problems, config)) for r in wave]
+            run_interleaved(starts, sample, len(wave), finished)
 
     units = [run_dir.read_unit(unit_name(r)) for r in rollouts]
     token_records = [record for unit in units for record in unit["tokens"]]

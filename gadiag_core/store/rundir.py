@@ -63,7 +63,7 @@ class RunDir:
         self.exists = exists  # False until `start` creates it
 
     # Keys that may differ between a run and its resumption.
-    RESUMABLE_DIFFERENCES = {("run", "run_dir"), ("run", "output_dir"), ("run", "threads"), ("run", "in_flight")}
+    RESUMABLE_DIFFERENCES = {("run", "run_dir"), ("run", "output_dir"), ("run", "threads")}
 
     # -- opening --------------------------------------------------------------
 
