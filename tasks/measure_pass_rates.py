@@ -1,6 +1,8 @@
-"""Measure a student's pass rate on each level of the ``math`` task.
+"""Measure a student's pass rate on each level of the ``math`` task (or, with
+``--task wordplay``, of the ``wordplay`` task).
 
     python -m gadiag_tasks.measure_pass_rates --samples 40
+    python -m gadiag_tasks.measure_pass_rates --task wordplay --samples 24 --threads 1
     python -m gadiag_tasks.measure_pass_rates --model gemma3-270m --examples 3 --samples 24 --threads 1
 
 Loads the model as gadiag does (``--model``: an alias, a .gguf file, a folder
@@ -70,12 +72,22 @@ def generate(tokenizer, lm, prompts: list[list[int]], max_new_tokens: int, tempe
     return completions, eos_ids
 
 
-def main(argv=None) -> None:
+def task_family(name: str):
+    """(LEVELS, task class) of a synthetic task family with graded levels."""
+    if name == "wordplay":
+        from gadiag_tasks.synthetic_words import LEVELS, SyntheticWords
+
+        return LEVELS, SyntheticWords
     from gadiag_tasks.synthetic_math import LEVELS, SyntheticMath
 
+    return LEVELS, SyntheticMath
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="math", choices=["math", "wordplay"], help="synthetic task family")
     parser.add_argument("--samples", type=int, default=40, help="problems (one completion each) per level")
-    parser.add_argument("--levels", default=",".join(LEVELS), help="comma-separated levels (default: all)")
+    parser.add_argument("--levels", default=None, help="comma-separated levels (default: all of the task)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -87,6 +99,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--show", type=int, default=2, help="print this many completions per level")
     args = parser.parse_args(argv)
+    LEVELS, task_class = task_family(args.task)
+    levels = args.levels or ",".join(LEVELS)
 
     import torch
 
@@ -98,8 +112,8 @@ def main(argv=None) -> None:
     print(f"loaded student in {time.time() - started:.0f}s ({student.prompt_format} prompts)")
 
     rows = []
-    for level in [part.strip() for part in args.levels.split(",") if part.strip()]:
-        task = SyntheticMath(levels=[level], worked_example=not args.no_worked_example, examples=args.examples)
+    for level in [part.strip() for part in levels.split(",") if part.strip()]:
+        task = task_class(levels=[level], worked_example=not args.no_worked_example, examples=args.examples)
         problems = task.problems(args.samples, seed=args.seed)
         prompts = [student.encode_messages(task.student_messages(p)) for p in problems]
         t0 = time.time()

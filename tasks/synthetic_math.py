@@ -32,17 +32,13 @@ Options (the ``[task]`` table of harness.toml):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
 
 from gadiag_core import hookimpl
-from gadiag_core.options import option
-from gadiag_core.errors import UsageError
-from gadiag_core.interfaces import Problem, Task
+from gadiag_core.interfaces import Problem
+from gadiag_tasks import graded
 from gadiag_tasks.answers import integer_answer_matches, parse_int
+from gadiag_tasks.graded import Draw, Level
 
-# (question, answer, solution without the answer statement)
-Draw = tuple[str, int, str]
 
 
 # ----------------------------------------------------------------------------
@@ -114,14 +110,6 @@ def _word_problem(rng: random.Random, steps: int) -> Draw:
     return " ".join(sentences), total, " ".join(work)
 
 
-@dataclass(frozen=True)
-class Level:
-    name: str  # what users type: L1, L2, ...
-    key: str  # seeds the level's random stream and its worked example
-    description: str
-    draw: Callable[[random.Random], Draw]
-
-
 LEVELS: dict[str, Level] = {
     level.name: level
     for level in [
@@ -185,117 +173,24 @@ PLAIN_EXAMPLES = 3
 
 def parse_levels(levels) -> tuple[str, ...]:
     """Level names from 1, "1", "L1", "l1", a list of those, or "1,2,3"."""
-    valid = ", ".join(LEVELS)
-    if isinstance(levels, (str, int)):
-        levels = [levels] if isinstance(levels, int) else [p for p in levels.split(",") if p.strip()]
-    try:
-        items = list(levels)
-    except TypeError:
-        raise UsageError(f"task 'math': option 'levels' must be a list of levels ({valid}), got {levels!r}") from None
-    if not items:
-        raise UsageError(f"task 'math': option 'levels' is empty; choose from {valid}")
-    names = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise UsageError(f"task 'math': unknown level {item!r}; valid levels: {valid}")
-        key = str(item).strip().upper()
-        if not key.startswith("L"):
-            key = "L" + key
-        if key not in LEVELS:
-            raise UsageError(f"task 'math': unknown level {item!r}; valid levels: {valid}")
-        if key not in names:
-            names.append(key)
-    return tuple(names)
+    return graded.parse_levels(levels, LEVELS, "math", "L")
 
 
 # ----------------------------------------------------------------------------
 # The task
 
 
-class SyntheticMath(Task):
+class SyntheticMath(graded.GradedTask):
     name = "math"
     # Bump when questions, solutions, worked examples or the prompt change.
     version = "1.0"
     description = "Synthetic arithmetic at graded levels (offline, seeded); integer answers."
-
-    # Tries to avoid repeating a question inside one level before accepting a repeat.
-    _DEDUP_TRIES = 30
+    LEVELS = LEVELS
+    LEVEL_PREFIX = "L"
+    SEED_PREFIX = "gadiag-math"
 
     def __init__(self, levels=DEFAULT_LEVELS, worked_example: bool = True, examples: int = 1) -> None:
-        self.levels = parse_levels(levels)
-        if not isinstance(worked_example, bool):
-            raise UsageError(f"task 'math': option 'worked_example' must be true or false, got {worked_example!r}")
-        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
-            raise UsageError(f"task 'math': option 'examples' must be a positive integer, got {examples!r}")
-        self.worked_example = worked_example
-        self.examples = examples
-
-    # -- problems -------------------------------------------------------------
-
-    def _make(self, level: str, rng: random.Random, index: int) -> Problem:
-        question, answer, work = LEVELS[level].draw(rng)
-        return Problem(
-            id=f"{level}-{index:04d}",
-            question=question,
-            answer=str(answer),
-            solution=f"{work} {self.answer_statement(str(answer))}",
-            meta={"level": level},
-        )
-
-    def problems(self, count: int, seed: int) -> list[Problem]:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise UsageError(f"task 'math': the number of problems must be a non-negative integer, got {count!r}")
-        out: list[Problem] = []
-        examples = {level: {e.question for e in self.worked_examples(level)} for level in self.levels}
-        seen: dict[str, set[str]] = {level: set() for level in self.levels}
-        for index in range(count):
-            level = self.levels[index % len(self.levels)]
-            # Seeded from (seed, index, level) and the earlier problems only: a
-            # prefix does not depend on count.
-            rng = random.Random(f"gadiag-math:{seed}:{index}:{LEVELS[level].key}")
-            tries = 0
-            while True:
-                problem = self._make(level, rng, index)
-                # Never ask the worked example itself; avoid repeats inside a
-                # level while the level has unused questions left.
-                if problem.question in examples[level]:
-                    continue
-                tries += 1
-                if problem.question not in seen[level] or tries >= self._DEDUP_TRIES:
-                    break
-            seen[level].add(problem.question)
-            out.append(problem)
-        return out
-
-    def example(self, level: str, index: int = 0) -> Problem:
-        """The fixed worked example number `index` of `level` (0: the one chat prompts show)."""
-        suffix = "" if index == 0 else f":{index}"
-        return self._make(level, random.Random(f"gadiag-math:worked-example:{LEVELS[level].key}{suffix}"), 0)
-
-    def worked_examples(self, level: str) -> list[Problem]:
-        """The `examples` worked examples shown before a question of `level` (distinct questions)."""
-        out: list[Problem] = []
-        index = 0
-        while len(out) < self.examples and index < 100:
-            candidate = self.example(level, index)
-            if all(candidate.question != e.question for e in out):
-                out.append(candidate)
-            index += 1
-        return out
-
-    # -- prompt ---------------------------------------------------------------
-
-    def student_messages(self, problem: Problem) -> list[dict]:
-        messages = []
-        if self.worked_example:
-            level = problem.meta.get("level") if isinstance(problem.meta, dict) else None
-            for example in self.worked_examples(level if level in LEVELS else self.levels[0]):
-                messages += [
-                    {"role": "user", "content": example.question},
-                    {"role": "assistant", "content": example.solution},
-                ]
-        messages.append({"role": "user", "content": problem.question})
-        return messages
+        super().__init__(levels, worked_example, examples)
 
     # -- verifier -------------------------------------------------------------
 
@@ -316,30 +211,13 @@ class SyntheticMath(Task):
         return str(rng.choice(choices))
 
 
-@dataclass(frozen=True)
-class MathOptions:
-    levels: Any = option(
-        None, "which levels, e.g. [1, 2] or [\"L1\", \"L4\"] (none: the student's defaults, DEFAULT_LEVELS or PLAIN_DEFAULT_LEVELS)",
-        check=lambda v: None if v is None else list(parse_levels(v)),
-    )
-    worked_example: bool = option(True, "show worked examples of the level before the question")
-    examples: Optional[int] = option(None, "how many worked examples (none: 1 for chat prompts, PLAIN_EXAMPLES for plain-text ones)", min=1, max=8)
+MathOptions = graded.options_class("MathOptions", parse_levels, '[1, 2] or ["L1", "L4"]', DEFAULT_LEVELS, PLAIN_DEFAULT_LEVELS, PLAIN_EXAMPLES)
 
 
 def factory(options: MathOptions, run) -> SyntheticMath:
-    """Build the task from the ``[task]`` options of harness.toml. Levels and
-    examples left unset follow the student's prompt format: a base model
-    prompted in plain text gets PLAIN_EXAMPLES worked examples and the levels
-    where it sometimes succeeds (PLAIN_DEFAULT_LEVELS)."""
-    student = getattr(run, "student", None)
-    plain = getattr(student, "prompt_format", "chat") == "plain"
-    levels = options.levels if options.levels is not None else (PLAIN_DEFAULT_LEVELS if plain else DEFAULT_LEVELS)
-    examples = options.examples if options.examples is not None else (PLAIN_EXAMPLES if plain else 1)
-    task = SyntheticMath(levels=levels, worked_example=options.worked_example, examples=examples)
-    # Built before the student loads (to check the problems early), with defaults
-    # left open: the run builds it again once it knows the student.
-    task.depends_on_student = student is None and (options.levels is None or options.examples is None)
-    return task
+    """Build the task from the ``[task]`` options of harness.toml (unset levels and
+    examples follow the student's prompt format, `graded.build`)."""
+    return graded.build(SyntheticMath, options, run, DEFAULT_LEVELS, PLAIN_DEFAULT_LEVELS, PLAIN_EXAMPLES)
 
 
 @hookimpl

@@ -184,6 +184,22 @@ def teacher_row(scored: ScoredTeachers, teacher: str, objective, sampled: torch.
 # 4. Vectors at the scored nodes
 
 
+# Name of the pair "row scored against half h of the ideal estimate".
+HALF_PAIR = "{}@half{}"
+
+
+def split_half_scores(cos_rows: dict) -> tuple[dict, dict]:
+    """({row: [N] cosines}, {row: ([N] against half 0, [N] against half 1)}) from
+    the scores of every pair, so that half-scored pairs stay out of the rows."""
+    halves = {}
+    for name in cos_rows:
+        if name.endswith("@half0") and HALF_PAIR.format(name[: -len("@half0")], 1) in cos_rows:
+            row = name[: -len("@half0")]
+            halves[row] = (cos_rows[name], cos_rows[HALF_PAIR.format(row, 1)])
+    half_names = {HALF_PAIR.format(row, h) for row in halves for h in (0, 1)}
+    return {name: v for name, v in cos_rows.items() if name not in half_names}, halves
+
+
 @dataclass
 class NodeVectors:
     """Every vector at the scored nodes, and which pairs are scored.
@@ -193,7 +209,12 @@ class NodeVectors:
     probs:    [N, V] π at each
     vectors:  row name -> [N, V]; "ideal", "ideal_half0", "ideal_half1", each
               "teacher/objective", "rl_outcome"
-    pairs:    scored row -> (vector a, vector b): cos(a, b) is the row's score
+    pairs:    scored row -> (vector a, vector b): cos(a, b) is the row's score;
+              for each teacher row also HALF_PAIR.format(row, h) -> ("ideal_half<h>", row),
+              the row scored against one independent half of â* (the per-token
+              oracle's split-half selection, gadiag_core.scoring.oracle). The half
+              vectors are already needed by noise_ceiling, so in params spaces these
+              pairs cost entries of the same Gram matrix, no extra backward.
     """
 
     nodes: torch.Tensor
@@ -224,6 +245,8 @@ def node_vectors(c: Components, rollout: Rollout, estimate: IdealEstimate, z: to
             row = f"{tname}/{oname}"
             vectors[row] = objective.vector(z_sel, teacher_row(scored, tname, objective, sampled), sampled, tau)
             pairs[row] = ("ideal", row)
+            for half in (0, 1):
+                pairs[HALF_PAIR.format(row, half)] = (f"ideal_half{half}", row)
     advantage = torch.tensor([float(rollout.correct) - n.value for n in estimate.nodes])
     vectors["rl_outcome"] = rl_outcome_vector(probs_sel, sampled, advantage, tau)
     pairs["rl_outcome"] = ("ideal", "rl_outcome")
@@ -290,8 +313,11 @@ def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict
 # 5. Records
 
 
-def token_records(c: Components, rollout: Rollout, estimate: IdealEstimate, nv: NodeVectors, cos_rows: dict, noise, scored: ScoredTeachers) -> list[dict]:
-    """One record per scored node (tokens.jsonl)."""
+def token_records(
+    c: Components, rollout: Rollout, estimate: IdealEstimate, nv: NodeVectors, cos_rows: dict, noise, scored: ScoredTeachers, cos_half: dict | None = None
+) -> list[dict]:
+    """One record per scored node (tokens.jsonl); `cos_half`: teacher row -> the
+    cosines against each half of â* ([N], [N]), written as ``cos_half``."""
     gen = rollout.generated_ids
     decode = c.student.tokenizer.decode
     # Each teacher's three most likely tokens at the scored nodes (for reports).
@@ -320,6 +346,8 @@ def token_records(c: Components, rollout: Rollout, estimate: IdealEstimate, nv: 
             "counts": node.counts.tolist(),
             "cos": {name: float(values[row]) for name, values in cos_rows.items()},
         }
+        if cos_half:
+            record["cos_half"] = {name: [float(h0[row]), float(h1[row])] for name, (h0, h1) in cos_half.items()}
         if noise is not None:
             record["a_sq"] = float(noise["a_sq"][row])
             record["energy"] = float(noise["energy"][row])
@@ -367,9 +395,9 @@ def diagnosis_steps(c: Components, rollout: Rollout, siblings: list[Rollout], pr
     nv = node_vectors(c, rollout, estimate, z, scored)
     space = config.run.space
     scores = alignment_scores(space, c.student, rollout.prompt_ids, gen, nv.nodes, nv.vectors, nv.pairs)
-    cos_rows = {row: per_node for row, (per_node, _) in scores.items()}
-    rollout_record["question_cos"] = {row: per_question for row, (_, per_question) in scores.items()}
+    cos_rows, cos_half = split_half_scores({row: per_node for row, (per_node, _) in scores.items()})
+    rollout_record["question_cos"] = {row: per_question for row, (_, per_question) in scores.items() if row in cos_rows}
     noise = noise_terms(estimate.nodes, nv.probs, nv.vectors, nv.pairs, c.student.temperature, seed) if space == "logits" else None
     if noise is not None:
         rollout_record["question_cos_corrected"] = noise["question_corrected"]
-    return token_records(c, rollout, estimate, nv, cos_rows, noise, scored), rollout_record
+    return token_records(c, rollout, estimate, nv, cos_rows, noise, scored, cos_half), rollout_record

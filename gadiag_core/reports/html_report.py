@@ -139,6 +139,9 @@ figcaption { color: var(--dim); font-size: 12px; }
 #tip table { margin: 4px 0 8px; } #tip td, #tip th { padding: 1px 6px; }
 #tip .big { font-size: 18px; font-weight: 700; padding: 0 6px; border-radius: 4px; }
 #tip code { background: var(--panel); padding: 0 3px; border-radius: 3px; white-space: pre; }
+.strip { display: flex; gap: 1px; margin: 6px 0 2px; flex-wrap: wrap; }
+.strip span { width: 18px; height: 14px; border-radius: 2px; font-size: 9px; text-align: center; color: #fff; }
+.swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; vertical-align: -1px; margin: 0 3px 0 8px; }
 #tip h4 { margin: 6px 0 2px; font-size: 12px; color: var(--dim); text-transform: uppercase; letter-spacing: .04em; }
 """
 
@@ -180,6 +183,80 @@ def _run_header(run: Run) -> str:
 
 # ----------------------------------------------------------------------------
 # index.html
+
+
+# Categorical colours of the teacher × objective rows in the "best teacher"
+# strips (Tableau 10; rows past ten reuse them).
+ROW_PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+
+
+def teacher_rows(run: Run) -> list[str]:
+    """The teacher × objective rows (no reference rows), in leaderboard order."""
+    return [name for name in run.rows() if name not in REFERENCE_ROWS]
+
+
+def row_colours(rows: list[str]) -> dict[str, str]:
+    return {name: ROW_PALETTE[i % len(ROW_PALETTE)] for i, name in enumerate(rows)}
+
+
+def _row_legend(colours: dict[str, str]) -> str:
+    return "".join(f"<span class=\"swatch\" style=\"background:{c}\"></span>{_esc(name)}" for name, c in colours.items())
+
+
+def _best_strip(r: int, nodes: dict, colours: dict[str, str]) -> str:
+    """One cell per scored token, coloured by the row with the best cosine there
+    (against the whole ideal estimate): does the best teacher change along the rollout?"""
+    from gadiag_core.scoring.oracle import best_rows  # here: the oracle module needs torch
+
+    positions = sorted(nodes)
+    if not positions or not colours:
+        return ""
+    winners = best_rows([nodes[t] for t in positions], list(colours))
+    cells = []
+    for t, name in zip(positions, winners):
+        token = _visible(nodes[t].get("token", "")).replace(chr(10), "")
+        value = nodes[t].get("cos", {}).get(name) if name else None
+        cells.append(
+            f"<span data-r=\"{r}\" data-n=\"{t}\" class=\"cell\" style=\"background:{colours.get(name, '#ddd')}\" "
+            f"title=\"@{t} {_esc(token)}: best {_esc(name or '–')} {num(value, '{:+.2f}')}\"></span>"
+        )
+    return f"<div class=\"strip\" title=\"best teacher × objective at each scored token\">{''.join(cells)}</div>"
+
+
+def _oracle_html(run: Run) -> str:
+    """The per-token oracle section of the index page (empty for older runs)."""
+    oracle = run.summary.get("oracle")
+    if not oracle or "oracle" not in oracle.get("all", {}):
+        return ""
+    colours = row_colours(teacher_rows(run))
+    lines = []
+    for split in ("all", "incorrect", "correct"):
+        part = oracle.get(split, {})
+        if "oracle" not in part:
+            continue
+        lines.append(
+            f"<tr><td class=\"l\">{split}</td><td>{part['nodes']}</td><td>{num(part['oracle'])}</td><td class=\"dim\">{_interval(part.get('oracle_ci'))}</td>"
+            f"<td class=\"l\">{_esc(part['best_single'])}</td><td>{num(part['single'])}</td>"
+            f"<td><b>{num(part['headroom'], '{:+.3f}')}</b></td><td class=\"dim\">{_interval(part.get('headroom_ci'))}</td>"
+            f"<td>{num(part['same_half_headroom'], '{:+.3f}')}</td></tr>"
+        )
+    wins = "".join(
+        f"<tr><td class=\"l\"><span class=\"swatch\" style=\"background:{colours.get(name, '#ddd')}\"></span>{_esc(name)}</td>"
+        f"<td>{count}</td><td>{oracle.get('question_top', {}).get(name, 0)}</td></tr>"
+        for name, count in oracle.get("wins", {}).items()
+    )
+    return (
+        "<h2>Per-token oracle</h2>"
+        "<p class=\"dim\">At each scored token, the teacher × objective with the best cosine. The oracle picks it on one half "
+        "of the ideal's estimate and is scored on the other (and vice versa), so it does not pick the noise; the best single row "
+        "is chosen and scored the same way. Headroom = oracle − best single row; the last column is what picking and scoring on "
+        "the same half would claim (the bias the split removes).</p>"
+        "<table><thead><tr><th class=\"l\">tokens</th><th>nodes</th><th>oracle</th><th>95% CI</th><th class=\"l\">best single row</th>"
+        f"<th>its align</th><th>headroom</th><th>95% CI</th><th>same-half headroom</th></tr></thead><tbody>{''.join(lines)}</tbody></table>"
+        f"<p>The best row changes at <b>{_pct(oracle.get('switch_rate'))}</b> of consecutive scored tokens of a rollout "
+        f"({oracle.get('switches', 0)} of {oracle.get('pairs', 0)}).</p>"
+        f"<table><thead><tr><th class=\"l\">row</th><th>tokens won</th><th>questions won</th></tr></thead><tbody>{wins}</tbody></table>"
+    )
 
 
 def _leaderboard_html(run: Run) -> str:
@@ -273,6 +350,7 @@ def _index_html(run: Run, pages: dict[str, str], plots: list[str]) -> str:
     body = (
         f"<h1>Gradient alignment · task {_esc(run.task_label)}</h1>{_run_header(run)}"
         f"<h2>Leaderboard</h2>{_leaderboard_html(run)}"
+        f"{_oracle_html(run)}"
         f"<p class=\"dim\">Cosine between each teacher's distillation update and the ideal (outcome-optimal) update, "
         f"per scored token. The reference rows bound it: <b>rl_outcome</b> is plain outcome RL, "
         f"<b>noise_ceiling</b> the agreement of two independent halves of the ideal's estimate.</p>"
@@ -370,8 +448,9 @@ def _rollout_section(run: Run, qid: str, rollout: dict, rows: list[str], row: st
         f"style=\"background:{colour(q_cos.get(row) if row else None)}\">{num(q_cos.get(row) if row else None)}</span></h2>"
     )
     note = f"<p class=\"dim\">Teachers skipped on this rollout: {_esc(', '.join(skipped))}</p>" if skipped else ""
+    strip = _best_strip(r, nodes, row_colours([name for name in rows if name not in REFERENCE_ROWS]))
     body = (
-        f"<section class=\"rollout\">{heading}{note}{text}"
+        f"<section class=\"rollout\">{heading}{note}{text}{strip}"
         f"<details open><summary class=\"dim\">every row at the scored tokens</summary>{matrix}</details></section>"
     )
     data = {"qcos": _clean(q_cos), "nodes": {str(t): _node_data(nodes[t], run.temperature) for t in positions}}
@@ -591,7 +670,8 @@ def _question_html(run: Run, qid: str, index: int, pages: dict[str, str], order:
         f"<div class=\"controls\">colour by <select id=\"row\">{options}</select> "
         f"<span class=\"legend\">hurts {legend} helps</span> "
         f"<span class=\"dim\">· underlined tokens were scored (dotted: cosine undefined); the rest were screened out. "
-        f"Hover for details, click to pin.</span></div>"
+        f"Hover for details, click to pin.</span>"
+        f"<div class=\"dim\">best teacher strip (one cell per scored token):{_row_legend(row_colours([n for n in rows if n not in REFERENCE_ROWS]))}</div></div>"
         + "".join(sections)
         + "<div id=\"tip\" hidden></div>"
     )

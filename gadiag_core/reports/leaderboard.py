@@ -123,6 +123,44 @@ def leaderboard_table(summary: dict) -> Table:
     return table
 
 
+def oracle_table(summary: dict) -> Table | None:
+    """The per-token oracle beside the best single row, both chosen on one half
+    of â* and scored on the other (gadiag_core.scoring.oracle): raw cosines
+    against a half estimate, comparable with each other, not with the
+    leaderboard's align column. None for runs without an oracle."""
+    oracle = summary.get("oracle")
+    if not oracle or "all" not in oracle or "oracle" not in oracle["all"]:
+        return None
+    table = Table(title="per-token oracle (split-half: chosen on one half of the ideal estimate, scored on the other)", title_justify="left")
+    for name, justify in [("row", "left"), ("chosen", "left"), ("all", "right"), ("95% CI", "right"), ("incorrect", "right"), ("correct", "right"), ("nodes", "right")]:
+        table.add_column(name, justify=justify, no_wrap=True)
+    splits = [oracle.get(s, {}) for s in ("all", "incorrect", "correct")]
+    for label, what, key in (("oracle", "best row per token", "oracle"), ("best single row", oracle["all"]["best_single"], "single")):
+        table.add_row(
+            label, what, num(splits[0].get(key)), _interval(splits[0].get(f"{key}_ci")),
+            num(splits[1].get(key)), num(splits[2].get(key)), str(splits[0].get("nodes", "")),
+        )
+    return table
+
+
+def oracle_lines(summary: dict) -> list[str]:
+    """The oracle's findings in words: headroom, the bias it avoids, switch rate, winners."""
+    oracle = summary.get("oracle")
+    if not oracle or "all" not in oracle or "oracle" not in oracle["all"]:
+        return []
+    a = oracle["all"]
+    wins = ", ".join(f"{row} {count}" for row, count in list(oracle.get("wins", {}).items())[:4])
+    top = ", ".join(f"{row} {count}" for row, count in list(oracle.get("question_top", {}).items())[:4])
+    return [
+        f"(incorrect/correct: each split chooses its own best single row.) "
+        f"Per-token oracle over {len(oracle['rows'])} rows: {num(a['oracle'])} vs best single row {a['best_single']} "
+        f"{num(a['single'])} (both split-half) — headroom {num(a['headroom'], '{:+.3f}')} [{_interval(a.get('headroom_ci'))}]; "
+        f"picking and scoring on the same half would claim {num(a['same_half_headroom'], '{:+.3f}')}",
+        f"the best row changes at {_pct(oracle.get('switch_rate'))} of consecutive scored tokens "
+        f"({oracle.get('switches', 0)}/{oracle.get('pairs', 0)}); tokens won: {wins}; questions won (most tokens): {top}",
+    ]
+
+
 def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
@@ -194,3 +232,13 @@ def print_leaderboard(summary: dict, console: Console | None = None) -> None:
     console.print(leaderboard_table(summary))
     for note in leaderboard_notes(summary):
         console.print(note, highlight=False, markup=False)
+    print_oracle(summary, console)
+
+
+def print_oracle(summary: dict, console: Console) -> None:
+    """The oracle's table and its lines (nothing for runs without an oracle)."""
+    table = oracle_table(summary)
+    if table is not None:
+        console.print(table)
+    for line in oracle_lines(summary):
+        console.print(line, highlight=False)
