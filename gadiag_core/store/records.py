@@ -42,6 +42,7 @@ from pathlib import Path
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS, aggregate
 from gadiag_core.errors import UsageError, cannot_write
+from gadiag_core.store.jsonl import BadLine, parse_records
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,18 +62,11 @@ def _read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file ([] when absent); UsageError naming the line that does not parse."""
     if not path.is_file():
         return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise UsageError(f"{path} line {number} is not valid JSON ({exc.msg}): the file is damaged") from None
-        if not isinstance(row, dict):
-            raise UsageError(f"{path} line {number} is not a record: the file is damaged")
-        rows.append(row)
-    return rows
+    try:
+        return parse_records(path.read_text(encoding="utf-8", errors="replace"))
+    except BadLine as bad:
+        what = "not valid JSON" if not bad.complete else "not a record"
+        raise UsageError(f"{path} line {bad.number} is {what} ({bad.reason}): the file is damaged") from None
 
 
 def _read_json(path: Path, what: str):
