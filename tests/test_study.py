@@ -94,7 +94,7 @@ def test_study_plan_and_cell_config():
     raw = {
         "study": {
             "name": "demo",
-            "students": {"small": {"model": "m1", "temperature": 0.7, "tasks": {"math": {"levels": ["L1"]}}}},
+            "students": {"small": {"model": "m1", "temperature": 0.7, "tasks": {"math": {"levels": ["L1"]}}, "run": {"in_flight": 2}}},
             "tasks": {"math": {"levels": ["L1", "L2"]}, "wordy": {"task": "wordplay", "levels": ["W1"]}},
         },
         "run": {"task": "math", "questions": 2},
@@ -109,6 +109,9 @@ def test_study_plan_and_cell_config():
     words_cell = cell_raw(plan, "small", "wordy", "/tmp/y")
     assert words_cell["run"]["task"] == "wordplay" and words_cell["task"] == {"levels": ["W1"]}
     assert words_cell["run"]["run_dir"] == "/tmp/y" and words_cell["run"]["questions"] == 2
+    assert math_cell["run"]["in_flight"] == 2 == words_cell["run"]["in_flight"]  # the student's own [run] keys
+    with pytest.raises(UsageError, match="study.students.small.run"):
+        cell_raw(study_plan({**raw, "study": {**raw["study"], "students": {"small": {"run": 3}}}}), "small", "math", "/tmp/z")
     assert raw["run"].get("run_dir") is None  # the plan never edits its input
     with pytest.raises(UsageError, match="study.bogus"):
         study_plan({"study": {"bogus": 1, "include_students": ["a"], "include_tasks": ["b"]}})

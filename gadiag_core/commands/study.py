@@ -25,6 +25,8 @@ applies only to the task named in [run] task) plus a [study] table:
     model = "smollm2-135m-instruct"
     [study.students.smollm2.tasks.math]   # this student's own [task] options on task `math`
     levels = ["L1", "L2"]
+    [study.students.gemma.run]     # this student's own [run] keys (e.g. in_flight for a
+    in_flight = 2                  # model whose vocabulary makes each rollout's state large)
 
     [study.tasks.math]             # a task of the grid: task = the task plugin (default: the
     task = "math"                  # table's name); other keys are its [task] options
@@ -119,8 +121,9 @@ def cell_label(student: str, task: str) -> str:
 
 
 def cell_raw(plan: dict, student: str, task: str, run_dir: Path) -> dict:
-    """The raw config of one cell: the base ← the student's [student] keys ←
-    the task and its options ← the student's own options for that task."""
+    """The raw config of one cell: the base ← the student's [student] keys (and
+    its own [run] keys) ← the task and its options ← the student's own options
+    for that task."""
     raw = copy.deepcopy(plan["base"])
     run = raw.setdefault("run", {})
     if not isinstance(run, dict):
@@ -129,6 +132,10 @@ def cell_raw(plan: dict, student: str, task: str, run_dir: Path) -> dict:
     own_tasks = student_table.pop("tasks", {})
     if not isinstance(own_tasks, dict):
         raise UsageError(f"study.students.{student}.tasks must be a table of [study.students.{student}.tasks.TASK] tables")
+    own_run = student_table.pop("run", {})
+    if not isinstance(own_run, dict):
+        raise UsageError(f"study.students.{student}.run must be a table of [run] keys")
+    run.update(own_run)
     raw["student"] = {**raw.get("student", {}), **student_table}
     task_table = dict(plan["tasks"][task])
     plugin = task_table.pop("task", task)
