@@ -58,9 +58,11 @@ def run_in_process(config, model_dir, run_dir, *flags, capsys=None) -> str:
 
 
 @pytest.fixture(scope="module")
-def config_path(tmp_path_factory):
+def config_path(tmp_path_factory, toy_model_dir):
+    """CONFIG with an external model teacher too (the toy student itself): its
+    `info` reaches summary.json from the workers, who alone load teachers."""
     path = tmp_path_factory.mktemp("ray-config") / "harness.toml"
-    path.write_text(CONFIG)
+    path.write_text(CONFIG + f'\n[teachers.external]\nmodel = "{toy_model_dir}"\ncontext = "answer"\n')
     return path
 
 
@@ -72,6 +74,7 @@ def local_reference(config_path, toy_model_dir, tmp_path_factory):
     files = outputs(run_dir)
     assert files["tokens.jsonl"].strip(), "no node scored: the comparisons would be vacuous"
     assert len([name for name in files if name.startswith("units/")]) == ROLLOUTS
+    assert json.loads(files["summary.json"])["teacher_info"]["external"]["via"] == "ids"
     return files
 
 

@@ -356,11 +356,15 @@ def test_same_tokenizer(tiny_lm, tmp_path):
     assert not same_tokenizer(tiny_lm, swapped)
 
 
-def test_chatless_tokenizer_is_a_usage_error(tiny_lm):
+def test_chatless_tokenizer_is_prompted_in_plain_text(tiny_lm):
+    """No chat template: `auto` prompts in plain text; asking for `chat` is a UsageError."""
     tok = make_tiny_tokenizer()
     tok.chat_template = None
     with pytest.raises(UsageError, match="chat template"):
-        HFCausalLM(tiny_lm.model, tok, "plain").encode_messages(MESSAGES)
+        HFCausalLM(tiny_lm.model, tok, "plain", prompt_format="chat").encode_messages(MESSAGES)
+    lm = HFCausalLM(tiny_lm.model, tok, "plain")
+    assert lm.prompt_format == "plain"
+    assert tok.decode(lm.encode_messages(MESSAGES)).endswith("\nA:")
 
 
 # ----------------------------------------------------------------------------

@@ -118,6 +118,9 @@ def _diagnose(config: RunConfig, registry: Registry, console: Console, started: 
     the missing units (here or on `remote`), assemble the files."""
     with console.status("loading student and teachers…"):
         c = build_components(config, registry, task=task, teachers=remote is None)
+    if c.task is not task:  # rebuilt with student-dependent defaults: its problems too
+        problems = c.task.problems(config.run.questions, config.run.seed)
+        check_problem_ids(problems, config.task.name)
     space_description(config.run.space, c.student.model)  # a selector that matches nothing fails here
     if remote is not None:
         remote.wait_ready()  # a model the workers cannot load fails here, before the folder exists
@@ -168,7 +171,8 @@ def _diagnose(config: RunConfig, registry: Registry, console: Console, started: 
     rollout_records = [unit["rollout"] for unit in units]
     run_dir.write_jsonl("tokens.jsonl", token_records)
     run_dir.write_jsonl("questions.jsonl", rollout_records)
-    summary = summarize(config, c, rollouts, token_records, rollout_records)
+    infos = teacher_infos(c) if remote is None else remote.teacher_infos
+    summary = summarize(config, c, rollouts, token_records, rollout_records, infos)
     # This session's sampler accounting (a resumed run counts only its own part).
     summary["throughput"] = stats.summary(time.time() - started)
     summary["throughput"].update({"executor": "local"} if remote is None else remote.describe())
@@ -284,9 +288,32 @@ def rollouts_from_rows(c: Components, problems: list[Problem], rows: list[dict],
     return rollouts
 
 
-def summarize(config, c: Components, rollouts, token_records, rollout_records) -> dict:
+def teacher_infos(c: Components) -> dict:
+    """Each loaded teacher's `info` (external teachers: model, tokenizer, path)."""
+    return {name: dict(getattr(teacher, "info", None) or {}) for name, teacher in c.teachers.items()}
+
+
+def teacher_info(infos: dict, token_records) -> dict:
+    """External teachers (`infos`: teacher_infos of the components that held
+    them): model, tokenizer, path (ids or bytes), and for the byte path the
+    mean teacher mass on the candidates and the mean mass left out."""
+    out = {}
+    for name, info in infos.items():
+        info = dict(info or {})
+        if not info:
+            continue
+        masses = [r["teacher_mass"][name] for r in token_records if name in r.get("teacher_mass", {})]
+        if masses:
+            info["covered_mass"] = sum(m["covered"] for m in masses) / len(masses)
+            info["left_out"] = sum(m["left_out"] for m in masses) / len(masses)
+        out[name] = info
+    return out
+
+
+def summarize(config, c: Components, rollouts, token_records, rollout_records, infos: dict) -> dict:
     """summary.json: what the run was (task, student, space, plugins) and what
-    its records say (gadiag_core.store.records.record_summary)."""
+    its records say (gadiag_core.store.records.record_summary). `infos`:
+    see teacher_infos (on Ray, the workers')."""
     rows = [rollout_row(c, r, config.student.max_new_tokens) for r in rollouts]
     return {
         "task": c.task.name,
@@ -298,6 +325,7 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "estimator": config.estimator.name,
         "sampler": config.sampler.name,
         "teachers": list(config.run.teachers),  # c.teachers is empty on a Ray driver
+        "teacher_info": teacher_info(infos, token_records),
         "objectives": list(c.objectives),
         # Non-default settings matter to read a row: e.g. {"jsd": {"beta": 0.9}}.
         "objective_options": {name: choice.option_dict() for name, choice in config.objectives.items() if choice.option_dict()},

@@ -87,6 +87,7 @@ class RayExecutor:
         self.ray, self.config, self.console, self.started_here = ray, config, console, started_here
         self.actors: list = []
         self.ready_refs: list = []
+        self.teacher_infos: dict = {}  # the teachers' `info`, as a worker loaded them
         self.start_seconds = 0.0
         self._t0 = time.perf_counter()
 
@@ -170,7 +171,9 @@ class RayExecutor:
                         f"{self.config.run.worker_cpus:g} CPUs / {self.config.run.worker_gpus:g} GPUs per worker; lower --workers"
                     )
                 for ref in ready:
-                    raise_error(self._get(ref, "starting"))
+                    out = self._get(ref, "starting")
+                    raise_error(out)
+                    self.teacher_infos = out["teacher_infos"]
         self.start_seconds = time.perf_counter() - self._t0
 
     def _get(self, ref, doing: str):
@@ -277,19 +280,23 @@ class DiagnosisWorker:
         import torch
 
         from gadiag_core.config import validate
-        from gadiag_core.engine.components import build_components, run_context
+        from gadiag_core.engine.components import build_components
         from gadiag_core.registry import load_registry
 
         registry = load_registry(raw.get("run", {}).get("plugins_dirs", []))
         self.config = config = validate(raw, registry)
         torch.set_num_threads(threads)
         torch.manual_seed(config.run.seed)
-        task = registry.create("task", config.task.name, run_context(config, registry), **config.task.option_dict())
-        self.problems = task.problems(config.run.questions, config.run.seed)
-        self.c = build_components(config, registry, task=task)
+        self.c = build_components(config, registry)
+        self.problems = self.c.task.problems(config.run.questions, config.run.seed)
 
     def ready(self) -> dict:
-        return {"error": self.error, "pid": os.getpid()}
+        """Loaded (or the error met), and the teachers' `info` for summary.json."""
+        if self.error:
+            return {"error": self.error}
+        from gadiag_core.engine.pipeline import teacher_infos
+
+        return {"error": None, "pid": os.getpid(), "teacher_infos": teacher_infos(self.c)}
 
     def diagnose_wave(self, rows_box: list, start: int, stop: int) -> dict:
         if self.error:
