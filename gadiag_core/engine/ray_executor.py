@@ -232,8 +232,11 @@ class RayExecutor:
                 idle.append(actor)
 
     def describe(self) -> dict:
-        """This session's executor, for summary.json's "throughput" block."""
-        return {"executor": "ray", "workers": len(self.actors), "worker_start_seconds": round(self.start_seconds, 3)}
+        """This session's executor, for summary.json's "throughput" block. The
+        sampler seconds there are summed over the workers, which run at the
+        same time: the share of the wall time outside the sampler means
+        nothing then and is left out (null)."""
+        return {"executor": "ray", "workers": len(self.actors), "worker_start_seconds": round(self.start_seconds, 3), "share_outside_sampler": None}
 
     def close(self) -> None:
         for actor in self.actors:
