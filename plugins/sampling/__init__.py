@@ -44,6 +44,7 @@ class VllmOptions:
     max_model_len: Optional[int] = option(None, "longest prefix + continuation (none: the model's limit)", min=1)
     enforce_eager: bool = option(True, "skip torch.compile and CUDA graphs: start-up in seconds rather than minutes")
     tensor_parallel_size: int = option(1, "GPUs one engine is split over", min=1, max=1024)
+    block_size: Optional[int] = option(None, "KV-cache block in tokens: prefix caching shares whole blocks (none: 32 on CPU, vLLM's default on GPU)", min=1, max=4096)
 
 
 def _batched(options: BatchedOptions, run):

