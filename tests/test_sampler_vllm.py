@@ -137,11 +137,11 @@ def test_sampled_tokens_follow_the_students_policy(student, sampler, temperature
     # A prompt of 32k + 1 tokens: vLLM's prefix cache (32-token blocks on CPU)
     # then holds all but the last token, so 8000 requests cost ~8000 token
     # positions, not 8000 prompts.
-    text = "Tell me a short story."
-    ids = prompt(student, text)
-    while len(ids) % 32 != 1:
-        text += " Please."
-        ids = prompt(student, text)
+    for pad in range(64):
+        ids = prompt(student, "Tell me a short story." + " Please" * pad)
+        if len(ids) % 32 == 1:
+            break
+    assert len(ids) % 32 == 1
     with torch.no_grad():
         z0 = student.model(torch.tensor([ids])).logits[0, -1].float()
     forced = int(z0.argmax())
