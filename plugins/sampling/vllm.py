@@ -261,6 +261,19 @@ class VllmSampler(RolloutSampler):
         return results
 
 
+def shutdown_engines() -> None:
+    """Stop this process's engines and their processes now (otherwise they stop
+    when the process exits)."""
+    with _LOCK:
+        engines = list(_ENGINES.values())
+        _ENGINES.clear()
+    for llm in engines:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort: the processes also die with this one
+            pass
+
+
 def _on_cpu() -> bool:
     try:
         from vllm.platforms import current_platform
