@@ -17,7 +17,10 @@ as many cores (0..threads-1).
 
 Needs vllm (run it in the vllm environment, README "Past one machine"):
 
+    python benchmarks/sampler_vllm.py --threads 1                  # ~2 minutes
     python benchmarks/sampler_vllm.py --threads 2 --repeats 2      # ~6 minutes on 2 busy cores
+
+Figures in README "Past one machine".
 """
 
 from __future__ import annotations
