@@ -53,6 +53,9 @@ def parse_args(argv):
     p.add_argument("--work", default="benchmarks/out/leaderboard_accuracy", help="run directories (kept and reused)")
     p.add_argument("--json", default="", help="also write the numbers here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an estimator option for the `targeted` runs (repeatable; e.g. allocation=energy); with --tag")
+    p.add_argument("--tag", default="", help="name the `targeted` run directories with this (needed with --set, so runs of other options are not reused)")
     return p.parse_args(argv)
 
 
@@ -62,6 +65,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def ensure_run(work: Path, model: Path, args, seed: int, estimator: str, continuations: int | None) -> Path:
     name = f"{estimator}-s{seed}" + (f"-c{continuations}" if continuations else "")
+    if estimator != "exact" and args.tag:
+        name += f"-{args.tag}"
     run_dir = work / name
     if (run_dir / "summary.json").exists():
         return run_dir
@@ -73,6 +78,9 @@ def ensure_run(work: Path, model: Path, args, seed: int, estimator: str, continu
     ]
     if continuations:
         cmd += ["--set", f"estimator.continuations={continuations}"]
+    if estimator != "exact":
+        for item in args.set:
+            cmd += ["--set", f"estimator.{item}"]
     started = time.time()
     # cwd = the work folder: a ./harness.toml of the caller must not apply.
     done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
@@ -95,6 +103,8 @@ def fmt_bias(pair) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    if args.set and not args.tag:
+        raise SystemExit("--set needs --tag (run directories are reused by name)")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     model = work / "toy-model"

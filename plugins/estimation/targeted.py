@@ -112,6 +112,8 @@ from gadiag_plugins.estimation.common import (
     _Plan,
     _ScreenedEstimator,
     candidate_tokens,
+    node_weight,
+    relative_noise,
     select_nodes,
 )
 
@@ -336,13 +338,18 @@ class TargetedEstimator(_ScreenedEstimator):
             pooled = 0
             energy_noise, energy_signal = 0.0, 0.0
             gains = []
+            relative = []  # per node: estimated N / (E + N) (allocation "cosine")
             for t, cands in targets:
                 stats = self._stats(pool, t, cands)
+                scale = 1.0
                 if all(s.exact or s.n > 0 for s in stats):
                     # Conservative: Laplace variances (never 0) for the noise energy.
                     node = _node_estimate(t, cands, probs[t], stats, tau)
                     energy_noise += node.norm_se**2
                     energy_signal += float(node.ideal.double().pow(2).sum()) - node.norm_se**2
+                    if self.allocation != "energy":
+                        scale = node_weight(node, float(cols[t].sum()) / 4, self.allocation, self.energy_floor)
+                        relative.append(relative_noise(node))
                 else:
                     energy_signal = math.nan
                 cost = pool.expected_tokens(t)
@@ -351,9 +358,13 @@ class TargetedEstimator(_ScreenedEstimator):
                         continue
                     pooled += st.n
                     var = _laplace_var(st.successes, st.n) * max(st.n, 1)  # per-sample variance Q̃(1 − Q̃)
-                    gains.append(_Gain(float(cols[t][i]) * var, st.n, cost, t, k, st.n_half0, st.n_half1))
-            if self.target_error > 0 and energy_signal > 0 and energy_noise <= self.target_error**2 * energy_signal:
-                break
+                    gains.append(_Gain(float(cols[t][i]) * var * scale, st.n, cost, t, k, st.n_half0, st.n_half1))
+            if self.target_error > 0:
+                if self.allocation == "energy":
+                    if energy_signal > 0 and energy_noise <= self.target_error**2 * energy_signal:
+                        break
+                elif relative and len(relative) == len(targets) and sum(relative) / len(relative) <= self.target_error**2:
+                    break
             room = cap - pooled
             if room <= 0 or budget.exhausted(1):
                 break
