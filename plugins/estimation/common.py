@@ -70,34 +70,24 @@ def _column_norms(probs: torch.Tensor, tau: float) -> torch.Tensor:
     return (p * p * (1 - 2 * w) + w * w * (p * p).sum()) / tau**2
 
 
-def node_weight(node, scale: float, mode: str, floor: float) -> float:
-    """How much one unit of noise energy at this node costs the token mean of cosines.
+def node_weight(node, scale: float, floor: float) -> float:
+    """Allocation `relative`: how much one unit of noise energy at this node costs
+    the token mean of cosines.
 
     The cosine of â = a* + noise is shrunk toward 0 by about N / (2 E) while the
-    noise energy N is small against E = ‖a*‖², by 1 − sqrt(E / (E + N)) in
+    noise energy N is small against E = ‖a*‖², and by 1 − sqrt(E / (E + N)) in
     general; each node counts once in the token mean, so a unit of N costs
-    more where E is small. Ê = ‖â‖² − N̂ (binomial; N̂ with unbiased variances).
-    `scale` is the node's own unit of energy (Σ_k ‖M e_k‖² / 4: one sample per
-    candidate at Q = 1/2), the floor of Ê is `floor` × scale.
+    more where E is small. With Ê = ‖â‖² − N̂ (binomial, unbiased variances),
+    N̂_L the noise energy with Laplace variances and `scale` the node's own unit
+    of energy (Σ_k ‖M e_k‖² / 4: one sample per candidate at Q = 1/2):
 
-        mode "cosine":  1 / max(Ê, floor · scale)
-        mode "total":   1 / (max(Ê, 0) + N̂_L + floor · scale)   (N̂_L: Laplace variances)
-        mode "slope":   sqrt(Ê) / (Ê + N̂_L)^1.5 · scale^0.5     (d shrinkage / dN)
+        weight = 1 / (max(Ê, 0) + N̂_L + floor · scale)
 
-    Returns a positive float (the multiplier of the node's candidates' gains).
+    (the noise term keeps a node whose Ê is ≤ 0 from taking every sample).
+    Returns a positive float, the multiplier of the node's candidates' gains.
     """
-    a_sq = float(node.ideal.double().pow(2).sum())
-    energy = a_sq - float(noise_energy_unbiased(node))
-    noise_l = node.norm_se**2
-    base = max(floor * scale, 1e-300)
-    if mode == "cosine":
-        return 1.0 / max(energy, base)
-    if mode == "total":
-        return 1.0 / (max(energy, 0.0) + noise_l + base)
-    if mode == "slope":
-        e = max(energy, base)
-        return math.sqrt(e) / (e + noise_l) ** 1.5
-    raise ValueError(f"unknown allocation mode {mode!r}")
+    energy = max(node.energy_binomial, 0.0)
+    return 1.0 / (energy + node.norm_se**2 + max(floor * scale, 1e-300))
 
 
 def relative_noise(node) -> float:
@@ -106,11 +96,6 @@ def relative_noise(node) -> float:
     energy = max(node.energy_binomial, 0.0)
     noise = node.norm_se**2
     return noise / (energy + noise) if energy + noise > 0 else 0.0
-
-
-def noise_energy_unbiased(node) -> float:
-    """N̂ = ‖â‖² − energy_binomial: the noise energy with unbiased Q̂ variances."""
-    return float(node.ideal.double().pow(2).sum()) - node.energy_binomial
 
 
 @dataclass

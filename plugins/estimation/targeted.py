@@ -42,6 +42,17 @@ forced to start with the candidate. Cost T × K × M continuations.
    rollout's ideal vector (Laplace variances, conservative) is at most
    `target_error`, or the pools hold `continuations` samples per candidate on
    average, or a hard budget is reached.
+   `allocation = "relative"` multiplies each node's gains by
+   1 / (Ê_t + N̂_t + floor) (common.node_weight): the token mean of cosines
+   counts every node once, and a unit of noise shrinks the cosine of a node
+   with small ‖a*‖² most; it then stops when the mean over nodes of
+   N̂ / (Ê + N̂) (common.relative_noise) is at most target_error². Measured
+   on the exact environment (issue 14; benchmarks/leaderboard_accuracy.py,
+   5 seeds, 6 continuations, its "noise at the scored nodes" table): it
+   hardly changes the noise there (mean true N / (‖a*‖² + N) and the share of
+   nodes with N ≥ ‖a*‖² move by about 0.01), because a rollout's budget cannot move to other rollouts
+   and its 1–3 sampled nodes differ little in ‖a*‖²; so the default stays
+   `energy`.
 
 Reuse. Every continuation is indexed by the path it takes along the rollout
 and counted in every estimate it informs:
@@ -164,6 +175,9 @@ class TargetedEstimator(_ScreenedEstimator):
       value_growth (2.0)      unsure comparisons: up to this × continuations per V-point
       target_error (0.25)     stop when the estimated relative RMS error of the
                               rollout's ideal vector is at most this (0: never early)
+      allocation (energy)     energy: greedy on the noise energy of the rollout's â;
+                              relative: each node's gains divided by its Ê + N̂ (see step 4)
+      energy_floor (0.05)     relative: added to Ê + N̂, in units of the node's one-sample noise
       max_tokens, max_continuations                per-rollout hard caps (None)
       run_max_tokens, run_max_continuations        per-run hard caps, spread evenly
       rollouts_total          rollouts in the run (needed by the run caps)
@@ -338,7 +352,7 @@ class TargetedEstimator(_ScreenedEstimator):
             pooled = 0
             energy_noise, energy_signal = 0.0, 0.0
             gains = []
-            relative = []  # per node: estimated N / (E + N) (allocation "cosine")
+            relative = []  # per node: estimated N / (E + N) (allocation "relative")
             for t, cands in targets:
                 stats = self._stats(pool, t, cands)
                 scale = 1.0
@@ -347,8 +361,8 @@ class TargetedEstimator(_ScreenedEstimator):
                     node = _node_estimate(t, cands, probs[t], stats, tau)
                     energy_noise += node.norm_se**2
                     energy_signal += float(node.ideal.double().pow(2).sum()) - node.norm_se**2
-                    if self.allocation != "energy":
-                        scale = node_weight(node, float(cols[t].sum()) / 4, self.allocation, self.energy_floor)
+                    if self.allocation == "relative":
+                        scale = node_weight(node, float(cols[t].sum()) / 4, self.energy_floor)
                         relative.append(relative_noise(node))
                 else:
                     energy_signal = math.nan
