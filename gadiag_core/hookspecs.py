@@ -106,3 +106,16 @@ def register_estimators(register):
 
     Options are the keys of the ``[estimator]`` table other than ``name``; run
     budgets are shared over ``run.rollouts_total`` rollouts."""
+
+
+@hookspec
+def register_environments(register):
+    """Register exact environments: a student small enough that every
+    continuation can be enumerated, so Q, a* and every cosine are known
+    exactly. Called once when the registry is built; ``gadiag-harness selfcheck
+    --environment NAME`` certifies estimators and objectives on one.
+
+    The factory returns a builder ``build(problems, rollouts_per_problem, seed,
+    max_new_tokens, task) -> environment`` with the attributes
+    gadiag_core.certify reads (``rollouts``, ``nodes``, ``student``,
+    ``teachers``, ``max_new_tokens``, exact values per node)."""

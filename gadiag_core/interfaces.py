@@ -7,6 +7,8 @@ Read top to bottom this is the data flow of one rollout (DESIGN §3):
     RolloutSampler.sample -> generated ids ; Task.verify -> reward
     Student.node_logits           -> z(u_t)            [T, V]
     Teacher.node_logprobs         -> log p_T(.|u'_t)   [T, V]
+      (CandidateTeacher, another tokenizer: prepare -> preferred tokens [T] now,
+       score -> log p on the scored nodes' candidate sets after the estimator)
     GradientEstimator.estimate    -> a*(u_t) on the targeted nodes (sparse)
     Objective.vector              -> b(u_t)            [T, V]
     alignment                     -> cos(a*, b) per token / question / teacher
@@ -270,16 +272,68 @@ class ContextBuilder(ABC):
 
 
 class Teacher(ABC):
-    """Gives log p_T(.|u'_t) at every node of a student rollout."""
+    """Gives log p_T(.|u'_t) at every node of a student rollout.
+
+    info: what reports show about the teacher, e.g. {"external": True, "model": …,
+          "tokenizer": …, "via": "ids" | "bytes"}; empty for self-distillation teachers.
+    """
 
     name: str = ""
     description: str = ""
+    info: dict = {}
 
     @abstractmethod
     def node_logprobs(self, inputs: ContextInputs, generated_ids: list[int]) -> Optional[torch.Tensor]:
         """[T, V] log-probabilities of the teacher at each node, or None if the
         teacher has no context for this rollout. Row t conditions on the
         teacher's context followed by generated_ids[:t]."""
+
+
+@dataclass
+class CandidateLogprobs:
+    """A CandidateTeacher's scores at the scored nodes (N of them).
+
+    logprobs:          [N, V] log p over the student's vocabulary: the teacher's mass on
+                       each candidate, the rest spread over the other tokens ∝ π
+                       (what full-distribution objectives read)
+    sampled_logprobs:  [N] log p of the sampled token's own event (for a byte teacher the
+                       string probability of its bytes): sampled-token objectives
+                       (Objective.reads == "sampled") read this instead of the row
+    covered:           [N] teacher mass on the candidates (Σ_C p_k before the spread)
+    left_out:          [N] mass the teacher's computation left out (caps), relative
+    forwards:          extra teacher forwards spent
+    """
+
+    logprobs: torch.Tensor
+    sampled_logprobs: torch.Tensor
+    covered: torch.Tensor
+    left_out: torch.Tensor
+    forwards: int = 0
+
+
+class CandidateTeacher(Teacher):
+    """A teacher that cannot give log p over the student's whole vocabulary at
+    every node (another tokenizer: DESIGN §5). It works in two steps around the
+    estimator:
+
+        prepare(inputs, generated_ids) -> handle or None (no context: skipped);
+            handle.preferred [T]: the student token the teacher prefers at each
+            node (the estimator adds it to the candidates)
+        score(handle, nodes, candidates, sampled, student_logprobs) -> CandidateLogprobs
+            on the nodes the estimator scored, given each node's candidate ids
+            ([C] tensors), the sampled tokens [N] and log π [N, V]
+    """
+
+    @abstractmethod
+    def prepare(self, inputs: ContextInputs, generated_ids: list[int]) -> Optional[Any]:
+        """Per-rollout work before the estimator; None when there is no context."""
+
+    @abstractmethod
+    def score(self, prepared: Any, nodes: list[int], candidates: list, sampled: torch.Tensor, student_logprobs: torch.Tensor) -> CandidateLogprobs:
+        """The teacher at the scored nodes, on their candidate sets."""
+
+    def node_logprobs(self, inputs: ContextInputs, generated_ids: list[int]) -> Optional[torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} scores candidate sets: use prepare() and score()")
 
 
 # ----------------------------------------------------------------------------
@@ -402,10 +456,16 @@ class GradientEstimator(ABC):
 
 
 class Objective(ABC):
-    """A distillation objective, as its logit-space descent vector b(u)."""
+    """A distillation objective, as its logit-space descent vector b(u).
+
+    reads: "distribution" (the teacher's whole row) or "sampled" (only
+           log p at the sampled token: then a CandidateTeacher's
+           sampled_logprobs, the exact string probability, is used there)
+    """
 
     name: str = ""
     description: str = ""
+    reads: str = "distribution"
 
     @abstractmethod
     def vector(

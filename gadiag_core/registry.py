@@ -31,6 +31,7 @@ KINDS = {
     "objective": "register_objectives",
     "sampler": "register_samplers",
     "estimator": "register_estimators",
+    "environment": "register_environments",
 }
 
 

@@ -141,7 +141,7 @@ MAX_CHECKED_BYTES = 512 * 1024 * 1024
 def _check_jsonl_lines(task: str, path: Path) -> None:
     """Every non-blank line of a JSONL file is a JSON object: else a UsageError
     naming the file and the line (`datasets` reports neither)."""
-    import json
+    from gadiag_core.store.jsonl import BadLine, parse_records
 
     try:
         if path.stat().st_size > MAX_CHECKED_BYTES:
@@ -156,15 +156,12 @@ def _check_jsonl_lines(task: str, path: Path) -> None:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise UsageError(f"task {task!r}: {str(path)!r} line {line} is not UTF-8 text: save the file as UTF-8") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise UsageError(f"task {task!r}: {str(path)!r} line {number} is not valid JSON ({exc.msg}, column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise UsageError(f"task {task!r}: {str(path)!r} line {number} is not a JSON object {{\"field\": value, …}}")
+    try:
+        parse_records(text)
+    except BadLine as bad:
+        if not bad.complete:
+            raise UsageError(f"task {task!r}: {str(path)!r} line {bad.number} is not valid JSON ({bad.reason})") from None
+        raise UsageError(f"task {task!r}: {str(path)!r} line {bad.number} is not a JSON object {{\"field\": value, …}}") from None
 
 
 def _has_no_rows(path: Path, kind: str) -> bool:

@@ -132,3 +132,16 @@ def toy_factory(options: ToyOptions, run) -> ToyTask:
 @hookimpl
 def register_tasks(register):
     register("toy", toy_factory, ToyTask.description, options=ToyOptions)
+
+
+def toy_environment_factory(options, run):
+    """The builder of the toy exact environment (gadiag_tasks.toy_env, imported
+    when selfcheck builds one: `list` stays light)."""
+    from gadiag_tasks.toy_env import build_environment
+
+    return build_environment
+
+
+@hookimpl
+def register_environments(register):
+    register("toy", toy_environment_factory, "The toy task's tiny random student with Q enumerated exactly (selfcheck's ground truth).")

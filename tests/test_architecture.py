@@ -46,6 +46,18 @@ def test_core_imports_no_plugin_and_no_command():
     assert not offenders, "\n".join(offenders)
 
 
+def test_commands_import_no_plugin():
+    """Commands get plugins from the registry (selfcheck's exact environment
+    through `register_environments`), never by import."""
+    offenders = [
+        f"{path.relative_to(CORE.parent)} imports {name}"
+        for path in sorted((CORE / "commands").rglob("*.py"))
+        for name in imported_modules(path)
+        if name.startswith(PLUGIN_PACKAGES)
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
 def test_the_check_catches_an_offender(tmp_path, monkeypatch):
     """The walk sees imports inside functions too (a check that cannot fail is no check)."""
     bad = CORE / "_offender_probe.py"

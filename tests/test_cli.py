@@ -125,16 +125,18 @@ def test_malformed_config_names_the_key(tmp_path, capsys):
     assert code == 2 and "not valid TOML" in err
 
 
-def test_cross_tokenizer_teacher_is_refused(tmp_path, tiny_model_dir, capsys):
+def test_cross_tokenizer_teacher_via_ids_is_refused(tmp_path, tiny_model_dir, capsys):
+    """Another tokenizer goes through the bytes (tests/test_byte_teacher.py); asking
+    for the ids is refused in one line."""
     other = make_tiny_model_dir(tmp_path / "other", chars="0123456789+= abc")
     config = tmp_path / "harness.toml"
     config.write_text(
         TINY_CONFIG.replace('teachers = "all"', 'teachers = "other"')
-        + f'\n[teachers.other]\nmodel = "{other}"\ncontext = "solution"\n'
+        + f'\n[teachers.other]\nmodel = "{other}"\ncontext = "solution"\nvia = "ids"\n'
     )
     code, _, err = run_cli(capsys, "--config", str(config), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path))
     assert code == 2
-    assert "cross-tokenizer teachers are not supported yet" in err
+    assert 'uses a different tokenizer from the student, so via = "ids" cannot read' in err
 
 
 def test_set_objective_option_reaches_the_objective_and_the_leaderboard(tmp_path, toy_model_dir, capsys):

@@ -14,10 +14,9 @@ import torch
 from conftest import make_tiny_lm
 from gadiag_core.errors import UsageError
 from gadiag_core.scoring.space_spec import check_space
+from gadiag_core.scoring.param_grads import GRAD_MEMORY_ENV, parse_bytes
 from gadiag_core.scoring.spaces import (
-    GRAD_MEMORY_ENV,
     alignment_scores,
-    parse_bytes,
     select_parameters,
     space_description,
 )

@@ -231,3 +231,12 @@ def test_student_messages_zero_shot():
     task = factory(levels=[1], worked_example=False)
     p = task.problems(1, seed=0)[0]
     assert task.student_messages(p) == [{"role": "user", "content": p.question}]
+
+
+def test_plain_prompt_defaults_sit_in_the_base_models_informative_range():
+    """The levels a plain-text (base-model) student gets by default: at least two
+    inside Gemma-3-270M's measured 0.2-0.8 pass-rate range."""
+    measured = synthetic_math.MEASURED_PLAIN_GEMMA3_270M
+    assert set(synthetic_math.PLAIN_DEFAULT_LEVELS) <= set(measured) <= set(LEVELS)
+    informative = [level for level in synthetic_math.PLAIN_DEFAULT_LEVELS if 0.2 <= measured[level][0] <= 0.8]
+    assert len(informative) >= 2

@@ -350,6 +350,7 @@ def test_masked_student_logits_give_no_nan():
 
 def test_objectives_plugin_registers_and_matches():
     import gadiag_plugins.objectives as plugin_module
+    from gadiag_plugins.objectives.uld import uld_vector
 
     pm = pluggy.PluginManager("gadiag")
     pm.add_hookspecs(hookspecs)
@@ -364,7 +365,7 @@ def test_objectives_plugin_registers_and_matches():
         registered[name] = lambda _f=factory, _o=options, _owner=owner, **raw: _f(build_options(_o, raw, _owner), None)
 
     pm.hook.register_objectives(register=register)
-    assert set(registered) == {"reverse_kl", "sampled_token", "forward_kl", "jsd", "topk_reverse_kl"}
+    assert set(registered) == {"reverse_kl", "sampled_token", "forward_kl", "jsd", "topk_reverse_kl", "uld"}
 
     z, logp = make(19)
     y = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(19))
@@ -375,6 +376,7 @@ def test_objectives_plugin_registers_and_matches():
         "forward_kl": vec.forward_kl_vector(z, logp, tau),
         "jsd": vec.jsd_vector(z, logp, tau, 0.5),
         "topk_reverse_kl": vec.topk_reverse_kl_vector(z, logp, tau, 20),
+        "uld": uld_vector(z, logp, tau),
     }
     for name, factory in registered.items():
         obj = factory()

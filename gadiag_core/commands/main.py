@@ -6,6 +6,7 @@
     gadiag-harness report RUN_DIR…
     gadiag-harness show RUN_DIR --question N …
     gadiag-harness docs [--check README.md | --write README.md]
+    gadiag-harness study STUDY.toml | --students a,b --tasks x,y …
 
 Each subcommand module has `main(argv) -> exit code` and is imported only when
 called, so `--help`, `list`, `report` and `show` import no torch. Bad input
@@ -28,6 +29,7 @@ COMMANDS = {
     "report": "gadiag_core.commands.report",
     "show": "gadiag_core.commands.show",
     "docs": "gadiag_core.commands.docs",
+    "study": "gadiag_core.commands.study",
 }
 
 

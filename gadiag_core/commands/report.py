@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
     runs = [load_run(path) for path in args.run_dirs]
     console = Console()
     if len(runs) == 1:
-        from gadiag_core.reports.leaderboard import leaderboard_notes, leaderboard_table
+        from gadiag_core.reports.leaderboard import leaderboard_notes, leaderboard_table, print_oracle
 
         run = runs[0]
         if not run.finished:
@@ -140,6 +140,7 @@ def main(argv: list[str]) -> int:
         _print(console, leaderboard_table(summary))
         for note in leaderboard_notes(summary):
             console.print(note, highlight=False, markup=False)
+        print_oracle(summary, console)  # as the run printed it
     else:
         _print(console, combined_table(runs))
     err = Console(stderr=True)

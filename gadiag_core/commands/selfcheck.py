@@ -125,6 +125,7 @@ def parser():
     p.add_argument("--budget-option", default="continuations", help="the estimator option the budgets set (default continuations)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra estimator option for every estimator (repeatable)")
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"independent estimator replicates per rollout (default {DEFAULT_SEEDS})")
+    p.add_argument("--environment", default="toy", help="the exact environment (`gadiag-harness list environment`; default toy)")
     p.add_argument("--problems", type=int, default=10, help="toy problems (default 10)")
     p.add_argument("--rollouts", type=int, default=2, help="student rollouts per problem (default 2)")
     p.add_argument("--env-seed", type=int, default=0, help="seed of the environment's rollouts (default 0)")
@@ -275,8 +276,6 @@ def leaderboard_check(args, registry, objectives: dict, task, build_environment,
 def run_selfcheck(args, registry, console) -> int:
     from rich.table import Table
 
-    from gadiag_tasks.toy_env import build_environment
-
     if args.seeds < 2 or args.problems < 1 or args.rollouts < 1:
         raise UsageError("--seeds must be at least 2, --problems and --rollouts at least 1")
     if args.estimators.strip() == "all":
@@ -290,6 +289,7 @@ def run_selfcheck(args, registry, console) -> int:
         registry.resolve("estimator", args.leaderboard_estimator)
         _parse_budgets(args.leaderboard_budgets)
     torch.set_num_threads(max(1, args.threads))
+    build_environment = registry.create("environment", args.environment)
 
     objectives = {name: registry.create("objective", name) for name in objective_names}
     # Build every estimator first: a bad option fails before any work.

@@ -58,6 +58,10 @@ def build_components(config: RunConfig, registry: Registry, task: Task | None = 
     estimator = registry.create("estimator", config.estimator.name, run, **config.estimator.option_dict())
     objectives = {name: registry.create("objective", name, run, **choice.option_dict()) for name, choice in config.objectives.items()}
     run.student = registry.create("student", config.student.backend, run, **_set(config.student_options))
+    if getattr(task, "depends_on_student", False):
+        # Its defaults follow the student (the math levels of a base model prompted
+        # in plain text): build it again now that the student is known.
+        task = registry.create("task", config.task.name, run, **config.task.option_dict())
     teachers = {}
     for name in config.run.teachers:
         if name in config.teachers:

@@ -1,9 +1,13 @@
-"""Diagnosing one student rollout, in four stages (DESIGN §1–2):
+"""Diagnosing one student rollout, in five stages (DESIGN §1–2):
 
     teacher_logprobs   each teacher's log p_T at every node          [T, V] per teacher
+                       (a CandidateTeacher — another tokenizer — only prepares
+                       here and names its preferred token at every node)
     estimate_ideal     the estimator's ideal vectors â* at the nodes it scores (a
                        request generator: its continuation requests go out in
                        batches, gadiag_core.engine.scheduler)
+    scored_logprobs    every teacher's log p at the scored nodes     [N, V] per teacher
+                       (CandidateTeachers score the nodes' candidate sets now)
     node_vectors       every vector densified at the scored nodes    [N, V] per row
     records            cosines (gadiag_core.scoring.spaces), noise terms, and
                        the token and rollout records written to the run directory
@@ -23,7 +27,7 @@ import torch
 
 from gadiag_core.engine.components import Components, Rollout
 from gadiag_core.errors import UsageError
-from gadiag_core.interfaces import ContextInputs, EstimationJob, IdealEstimate, Problem, RolloutView
+from gadiag_core.interfaces import CandidateTeacher, ContextInputs, EstimationJob, IdealEstimate, Problem, RolloutView
 from gadiag_core.scoring import noise as noise_mod
 from gadiag_core.scoring.spaces import alignment_scores
 from gadiag_core.scoring.vectors import policy, rl_outcome_vector
@@ -63,10 +67,25 @@ def check_teacher_output(name: str, logprobs, steps: int, width: int) -> torch.T
     return logprobs
 
 
+@dataclass
+class Prepared:
+    """A CandidateTeacher's per-rollout handle (its `preferred` [T] feeds the estimator)."""
+
+    teacher: CandidateTeacher
+    handle: object
+
+
 def teacher_logprobs(c: Components, inputs: ContextInputs, generated_ids: list[int], width: int) -> tuple[dict, list[str]]:
-    """({teacher: [T, V] log p_T}, [teachers skipped: no context for this rollout])."""
+    """({teacher: [T, V] log p_T, or a Prepared candidate teacher}, [teachers skipped: no context])."""
     out, skipped = {}, []
     for name, teacher in c.teachers.items():
+        if isinstance(teacher, CandidateTeacher):
+            handle = teacher.prepare(inputs, generated_ids)
+            if handle is None:
+                skipped.append(name)
+            else:
+                out[name] = Prepared(teacher, handle)
+            continue
         try:
             logprobs = teacher.node_logprobs(inputs, generated_ids)
         except (UsageError, KeyboardInterrupt, MemoryError):
@@ -97,7 +116,7 @@ def estimation_job(c: Components, rollout: Rollout, z: torch.Tensor, logprobs: d
         prompt_ids=rollout.prompt_ids,
         generated_ids=rollout.generated_ids,
         student_logits=z,
-        teacher_preferred={name: lp.argmax(-1) for name, lp in logprobs.items()},
+        teacher_preferred={name: lp.handle.preferred if isinstance(lp, Prepared) else lp.argmax(-1) for name, lp in logprobs.items()},
         verify=lambda text: c.task.verify(rollout.problem, text),
         max_new_tokens=max_new_tokens,
         seed=seed,
@@ -114,7 +133,71 @@ def estimate_ideal(c: Components, job: EstimationJob):
 
 
 # ----------------------------------------------------------------------------
-# 3. Vectors at the scored nodes
+# 3. The teachers at the scored nodes
+
+
+@dataclass
+class ScoredTeachers:
+    """Every teacher at the scored nodes.
+
+    logprobs:  teacher -> [N, V] log p
+    sampled:   teacher -> [N] log p of the sampled token's event, for CandidateTeachers
+               (the string probability); objectives with reads == "sampled" use it
+    mass:      teacher -> {"covered": [N], "left_out": [N]} for CandidateTeachers
+    forwards:  extra teacher forwards spent by CandidateTeachers
+    """
+
+    logprobs: dict
+    sampled: dict
+    mass: dict
+    forwards: int = 0
+
+
+def scored_logprobs(c: Components, estimate: IdealEstimate, rollout: Rollout, z: torch.Tensor, logprobs: dict) -> ScoredTeachers:
+    sel = torch.tensor([n.node for n in estimate.nodes])
+    out = ScoredTeachers({}, {}, {})
+    for name, lp in logprobs.items():
+        if not isinstance(lp, Prepared):
+            out.logprobs[name] = lp[sel]
+            continue
+        sampled = torch.tensor(rollout.generated_ids)[sel]
+        lpi = torch.log_softmax(z[sel].float() / c.student.temperature, -1)
+        scores = lp.teacher.score(lp.handle, [n.node for n in estimate.nodes], [n.candidates for n in estimate.nodes], sampled, lpi)
+        out.logprobs[name] = check_teacher_output(name, scores.logprobs, len(sel), z.shape[-1]).float()
+        out.sampled[name] = scores.sampled_logprobs.float()
+        out.mass[name] = {"covered": scores.covered.float(), "left_out": scores.left_out.float()}
+        out.forwards += int(scores.forwards)
+    return out
+
+
+def teacher_row(scored: ScoredTeachers, teacher: str, objective, sampled: torch.Tensor) -> torch.Tensor:
+    """[N, V] what `objective` reads of `teacher`: the row, with the sampled
+    token's own event for sampled-token objectives of a CandidateTeacher."""
+    lp = scored.logprobs[teacher]
+    if teacher in scored.sampled and getattr(objective, "reads", "distribution") == "sampled":
+        lp = lp.clone()
+        lp[torch.arange(len(sampled)), sampled] = scored.sampled[teacher]
+    return lp
+
+
+# ----------------------------------------------------------------------------
+# 4. Vectors at the scored nodes
+
+
+# Name of the pair "row scored against half h of the ideal estimate".
+HALF_PAIR = "{}@half{}"
+
+
+def split_half_scores(cos_rows: dict) -> tuple[dict, dict]:
+    """({row: [N] cosines}, {row: ([N] against half 0, [N] against half 1)}) from
+    the scores of every pair, so that half-scored pairs stay out of the rows."""
+    halves = {}
+    for name in cos_rows:
+        if name.endswith("@half0") and HALF_PAIR.format(name[: -len("@half0")], 1) in cos_rows:
+            row = name[: -len("@half0")]
+            halves[row] = (cos_rows[name], cos_rows[HALF_PAIR.format(row, 1)])
+    half_names = {HALF_PAIR.format(row, h) for row in halves for h in (0, 1)}
+    return {name: v for name, v in cos_rows.items() if name not in half_names}, halves
 
 
 @dataclass
@@ -126,7 +209,12 @@ class NodeVectors:
     probs:    [N, V] π at each
     vectors:  row name -> [N, V]; "ideal", "ideal_half0", "ideal_half1", each
               "teacher/objective", "rl_outcome"
-    pairs:    scored row -> (vector a, vector b): cos(a, b) is the row's score
+    pairs:    scored row -> (vector a, vector b): cos(a, b) is the row's score;
+              for each teacher row also HALF_PAIR.format(row, h) -> ("ideal_half<h>", row),
+              the row scored against one independent half of â* (the per-token
+              oracle's split-half selection, gadiag_core.scoring.oracle). The half
+              vectors are already needed by noise_ceiling, so in params spaces these
+              pairs cost entries of the same Gram matrix, no extra backward.
     """
 
     nodes: torch.Tensor
@@ -136,7 +224,7 @@ class NodeVectors:
     pairs: dict
 
 
-def node_vectors(c: Components, rollout: Rollout, estimate: IdealEstimate, z: torch.Tensor, logprobs: dict) -> NodeVectors:
+def node_vectors(c: Components, rollout: Rollout, estimate: IdealEstimate, z: torch.Tensor, scored: ScoredTeachers) -> NodeVectors:
     tau = c.student.temperature
     width = z.shape[-1]
     sel = torch.tensor([n.node for n in estimate.nodes])
@@ -152,11 +240,13 @@ def node_vectors(c: Components, rollout: Rollout, estimate: IdealEstimate, z: to
 
     # Distillation vectors b per teacher × objective, and the reference rows.
     pairs: dict[str, tuple[str, str]] = {}
-    for tname, lp in logprobs.items():
+    for tname in scored.logprobs:
         for oname, objective in c.objectives.items():
             row = f"{tname}/{oname}"
-            vectors[row] = objective.vector(z_sel, lp[sel], sampled, tau)
+            vectors[row] = objective.vector(z_sel, teacher_row(scored, tname, objective, sampled), sampled, tau)
             pairs[row] = ("ideal", row)
+            for half in (0, 1):
+                pairs[HALF_PAIR.format(row, half)] = (f"ideal_half{half}", row)
     advantage = torch.tensor([float(rollout.correct) - n.value for n in estimate.nodes])
     vectors["rl_outcome"] = rl_outcome_vector(probs_sel, sampled, advantage, tau)
     pairs["rl_outcome"] = ("ideal", "rl_outcome")
@@ -220,17 +310,20 @@ def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict
 
 
 # ----------------------------------------------------------------------------
-# 4. Records
+# 5. Records
 
 
-def token_records(c: Components, rollout: Rollout, estimate: IdealEstimate, nv: NodeVectors, cos_rows: dict, noise, logprobs: dict) -> list[dict]:
-    """One record per scored node (tokens.jsonl)."""
+def token_records(
+    c: Components, rollout: Rollout, estimate: IdealEstimate, nv: NodeVectors, cos_rows: dict, noise, scored: ScoredTeachers, cos_half: dict | None = None
+) -> list[dict]:
+    """One record per scored node (tokens.jsonl); `cos_half`: teacher row -> the
+    cosines against each half of â* ([N], [N]), written as ``cos_half``."""
     gen = rollout.generated_ids
     decode = c.student.tokenizer.decode
     # Each teacher's three most likely tokens at the scored nodes (for reports).
     teacher_top = {}
-    for tname, lp in logprobs.items():
-        top_p, top_k = lp[nv.nodes].exp().topk(3, dim=-1)
+    for tname, lp in scored.logprobs.items():
+        top_p, top_k = lp.exp().topk(3, dim=-1)
         teacher_top[tname] = (top_k.tolist(), top_p.tolist())
     records = []
     for row, node in enumerate(estimate.nodes):
@@ -253,6 +346,8 @@ def token_records(c: Components, rollout: Rollout, estimate: IdealEstimate, nv: 
             "counts": node.counts.tolist(),
             "cos": {name: float(values[row]) for name, values in cos_rows.items()},
         }
+        if cos_half:
+            record["cos_half"] = {name: [float(h0[row]), float(h1[row])] for name, (h0, h1) in cos_half.items()}
         if noise is not None:
             record["a_sq"] = float(noise["a_sq"][row])
             record["energy"] = float(noise["energy"][row])
@@ -262,6 +357,10 @@ def token_records(c: Components, rollout: Rollout, estimate: IdealEstimate, nv: 
         record["teacher_top"] = {
             tname: [[decode([k]), p] for k, p in zip(ids[row], probs[row])] for tname, (ids, probs) in teacher_top.items()
         }
+        if scored.mass:  # teachers with another tokenizer: their mass on the candidates, and what the caps left out
+            record["teacher_mass"] = {
+                tname: {"covered": float(m["covered"][row]), "left_out": float(m["left_out"][row])} for tname, m in scored.mass.items()
+            }
         records.append(record)
     return records
 
@@ -290,12 +389,15 @@ def diagnosis_steps(c: Components, rollout: Rollout, siblings: list[Rollout], pr
     if not estimate.nodes:
         return [], rollout_record
 
-    nv = node_vectors(c, rollout, estimate, z, logprobs)
+    scored = scored_logprobs(c, estimate, rollout, z, logprobs)
+    if scored.forwards:
+        rollout_record["teacher_forwards"] = scored.forwards
+    nv = node_vectors(c, rollout, estimate, z, scored)
     space = config.run.space
     scores = alignment_scores(space, c.student, rollout.prompt_ids, gen, nv.nodes, nv.vectors, nv.pairs)
-    cos_rows = {row: per_node for row, (per_node, _) in scores.items()}
-    rollout_record["question_cos"] = {row: per_question for row, (_, per_question) in scores.items()}
+    cos_rows, cos_half = split_half_scores({row: per_node for row, (per_node, _) in scores.items()})
+    rollout_record["question_cos"] = {row: per_question for row, (_, per_question) in scores.items() if row in cos_rows}
     noise = noise_terms(estimate.nodes, nv.probs, nv.vectors, nv.pairs, c.student.temperature, seed) if space == "logits" else None
     if noise is not None:
         rollout_record["question_cos_corrected"] = noise["question_corrected"]
-    return token_records(c, rollout, estimate, nv, cos_rows, noise, logprobs), rollout_record
+    return token_records(c, rollout, estimate, nv, cos_rows, noise, scored, cos_half), rollout_record

@@ -105,6 +105,9 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
     run_dir = RunDir.prepare(config.to_dict())
     with console.status("loading student and teachers…"):
         c = build_components(config, registry, task=task)
+    if c.task is not task:  # rebuilt with student-dependent defaults: its problems too
+        problems = c.task.problems(config.run.questions, config.run.seed)
+        check_problem_ids(problems, config.task.name)
     space_description(config.run.space, c.student.model)  # a selector that matches nothing fails here
     run_dir.start(config.to_dict())
     console.print(f"run directory: {run_dir.path}")
@@ -239,6 +242,22 @@ def load_rollouts(c: Components, problems: list[Problem], run_dir: RunDir, per_q
     return rollouts
 
 
+def teacher_info(c: Components, token_records) -> dict:
+    """External teachers: model, tokenizer, path (ids or bytes), and for the byte
+    path the mean teacher mass on the candidates and the mean mass left out."""
+    out = {}
+    for name, teacher in c.teachers.items():
+        info = dict(getattr(teacher, "info", None) or {})
+        if not info:
+            continue
+        masses = [r["teacher_mass"][name] for r in token_records if name in r.get("teacher_mass", {})]
+        if masses:
+            info["covered_mass"] = sum(m["covered"] for m in masses) / len(masses)
+            info["left_out"] = sum(m["left_out"] for m in masses) / len(masses)
+        out[name] = info
+    return out
+
+
 def summarize(config, c: Components, rollouts, token_records, rollout_records) -> dict:
     """summary.json: what the run was (task, student, space, plugins) and what
     its records say (gadiag_core.store.records.record_summary)."""
@@ -253,6 +272,7 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "estimator": config.estimator.name,
         "sampler": config.sampler.name,
         "teachers": list(c.teachers),
+        "teacher_info": teacher_info(c, token_records),
         "objectives": list(c.objectives),
         # Non-default settings matter to read a row: e.g. {"jsd": {"beta": 0.9}}.
         "objective_options": {name: choice.option_dict() for name, choice in config.objectives.items() if choice.option_dict()},

@@ -22,6 +22,19 @@ def _pct(value) -> str:
     return num(None if value is None else 100 * value, "{:.0f}%")
 
 
+def external_teachers_line(summary: dict) -> str:
+    """'external teachers: NAME = model (tokenizer …, via bytes, covered teacher mass …), …' or ''."""
+    parts = []
+    for name, info in (summary.get("teacher_info") or {}).items():
+        if not info.get("external"):
+            continue
+        detail = f"tokenizer {info.get('tokenizer', '?')}, via {info.get('via', '?')}"
+        if info.get("covered_mass") is not None:
+            detail += f", covered teacher mass {num(info['covered_mass'], '{:.2f}')}, left out {num(info.get('left_out'), '{:.3f}')}"
+        parts.append(f"{name} = {info.get('model', '?')} ({detail})")
+    return ("external teachers: " + "; ".join(parts)) if parts else ""
+
+
 def leaderboard_table(summary: dict) -> Table:
     title = (
         f"gradient alignment · task {summary['task']} v{summary['task_version']}\n"
@@ -48,6 +61,9 @@ def leaderboard_table(summary: dict) -> Table:
         "\nalign, incorrect, correct: token means with the Monte-Carlo noise of â* removed (SIMEX); per-question: "
         "rollout cosines with the noise energy removed; raw: the uncorrected means; 95% CI: bootstrap over questions"
     )
+    external = external_teachers_line(summary)
+    if external:
+        caption += "\n" + external
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for name, justify in [
         ("teacher", "left"),
@@ -93,16 +109,56 @@ def leaderboard_table(summary: dict) -> Table:
             **style,
         )
 
+    info = summary.get("teacher_info") or {}
     options = summary.get("objective_options", {})
     for name in teacher_rows:
         teacher, _, objective = name.partition("/")
+        external = (info.get(teacher) or {}).get("external")
         settings = ", ".join(f"{k}={v}" for k, v in options.get(objective, {}).items())
-        add(name, teacher, f"{objective} ({settings})" if settings else objective)
+        add(name, f"{teacher} ({info[teacher].get('via')})" if external else teacher, f"{objective} ({settings})" if settings else objective)
     table.add_section()
     for name in REFERENCE_ROWS:
         if name in rows:
             add(name, name, "reference", style="dim")
     return table
+
+
+def oracle_table(summary: dict) -> Table | None:
+    """The per-token oracle beside the best single row, both chosen on one half
+    of â* and scored on the other (gadiag_core.scoring.oracle): raw cosines
+    against a half estimate, comparable with each other, not with the
+    leaderboard's align column. None for runs without an oracle."""
+    oracle = summary.get("oracle")
+    if not oracle or "all" not in oracle or "oracle" not in oracle["all"]:
+        return None
+    table = Table(title="per-token oracle (split-half: chosen on one half of the ideal estimate, scored on the other)", title_justify="left")
+    for name, justify in [("row", "left"), ("chosen", "left"), ("all", "right"), ("95% CI", "right"), ("incorrect", "right"), ("correct", "right"), ("nodes", "right")]:
+        table.add_column(name, justify=justify, no_wrap=True)
+    splits = [oracle.get(s, {}) for s in ("all", "incorrect", "correct")]
+    for label, what, key in (("oracle", "best row per token", "oracle"), ("best single row", oracle["all"]["best_single"], "single")):
+        table.add_row(
+            label, what, num(splits[0].get(key)), _interval(splits[0].get(f"{key}_ci")),
+            num(splits[1].get(key)), num(splits[2].get(key)), str(splits[0].get("nodes", "")),
+        )
+    return table
+
+
+def oracle_lines(summary: dict) -> list[str]:
+    """The oracle's findings in words: headroom, the bias it avoids, switch rate, winners."""
+    oracle = summary.get("oracle")
+    if not oracle or "all" not in oracle or "oracle" not in oracle["all"]:
+        return []
+    a = oracle["all"]
+    wins = ", ".join(f"{row} {count}" for row, count in list(oracle.get("wins", {}).items())[:4])
+    top = ", ".join(f"{row} {count}" for row, count in list(oracle.get("question_top", {}).items())[:4])
+    return [
+        f"(incorrect/correct: each split chooses its own best single row.) "
+        f"Per-token oracle over {len(oracle['rows'])} rows: {num(a['oracle'])} vs best single row {a['best_single']} "
+        f"{num(a['single'])} (both split-half) — headroom {num(a['headroom'], '{:+.3f}')} [{_interval(a.get('headroom_ci'))}]; "
+        f"picking and scoring on the same half would claim {num(a['same_half_headroom'], '{:+.3f}')}",
+        f"the best row changes at {_pct(oracle.get('switch_rate'))} of consecutive scored tokens "
+        f"({oracle.get('switches', 0)}/{oracle.get('pairs', 0)}); tokens won: {wins}; questions won (most tokens): {top}",
+    ]
 
 
 def _count(n: int, what: str) -> str:
@@ -176,3 +232,13 @@ def print_leaderboard(summary: dict, console: Console | None = None) -> None:
     console.print(leaderboard_table(summary))
     for note in leaderboard_notes(summary):
         console.print(note, highlight=False, markup=False)
+    print_oracle(summary, console)
+
+
+def print_oracle(summary: dict, console: Console) -> None:
+    """The oracle's table and its lines (nothing for runs without an oracle)."""
+    table = oracle_table(summary)
+    if table is not None:
+        console.print(table)
+    for line in oracle_lines(summary):
+        console.print(line, highlight=False)

@@ -23,7 +23,8 @@ Flattening. A field whose value is a mapping becomes one column per key,
 named ``FIELD.KEY``; the key keeps its own slashes. So the per-row cosines
 ``cos: {"solution/reverse_kl": 0.2, ...}`` become float columns
 ``cos.solution/reverse_kl``, ``cos.rl_outcome``, … (null where the cosine is
-undefined), ``question_cos`` and ``budget`` likewise, and the teachers' top
+undefined), ``question_cos`` and ``budget`` likewise, ``cos_half.<row>`` a
+list [cosine against half 0 of â*, against half 1] (the oracle's inputs), and the teachers' top
 tokens ``teacher_top: {"solution": [[token, prob], ...]}`` become columns
 ``teacher_top.solution`` of type list<struct<token: string, prob: double>>.
 Lists (candidates, q_hat, generated_ids, tokens, …) stay list columns. A key
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS, aggregate
 from gadiag_core.errors import UsageError, cannot_write
+from gadiag_core.store.jsonl import BadLine, parse_records
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,18 +62,11 @@ def _read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file ([] when absent); UsageError naming the line that does not parse."""
     if not path.is_file():
         return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise UsageError(f"{path} line {number} is not valid JSON ({exc.msg}): the file is damaged") from None
-        if not isinstance(row, dict):
-            raise UsageError(f"{path} line {number} is not a record: the file is damaged")
-        rows.append(row)
-    return rows
+    try:
+        return parse_records(path.read_text(encoding="utf-8", errors="replace"))
+    except BadLine as bad:
+        what = "not valid JSON" if not bad.complete else "not a record"
+        raise UsageError(f"{path} line {bad.number} is {what} ({bad.reason}): the file is damaged") from None
 
 
 def _read_json(path: Path, what: str):
@@ -227,7 +222,8 @@ def skipped_counts(questions: list[dict]) -> dict[str, int]:
 def record_summary(rollouts: list[dict], questions: list[dict], tokens: list[dict]) -> dict:
     """The parts of summary.json that come from the records alone (the run's
     summary and the one `report` rebuilds for an unfinished run share them):
-    counts, accuracy, budget totals, skipped teachers and the aggregates.
+    counts, accuracy, budget totals, skipped teachers, the aggregates and the
+    per-token oracle (gadiag_core.scoring.oracle).
 
     rollouts: rows of rollouts.jsonl (question, correct, cut); questions: rows of
     questions.jsonl; tokens: rows of tokens.jsonl."""
@@ -248,7 +244,15 @@ def record_summary(rollouts: list[dict], questions: list[dict], tokens: list[dic
         "teachers_skipped": skipped_counts(questions),
         "budget": budget,
         "rows": aggregate(tokens, questions),
+        # The per-token oracle (split-half selection), switch rate, winners.
+        "oracle": _oracle(tokens),
     }
+
+
+def _oracle(tokens: list[dict]):
+    from gadiag_core.scoring.oracle import oracle_summary  # here: it needs torch, `report --help` must not
+
+    return oracle_summary(tokens)
 
 
 def rebuild_summary(config: dict, rollouts: list[dict], questions: list[dict], tokens: list[dict]) -> dict:
@@ -296,6 +300,8 @@ def records_table(records: list[dict]):
         values = [row.get(name) for row in rows]
         if name.startswith(("cos.", "question_cos.")):
             array = pa.array([float(v) if _finite(v) else None for v in values], type=pa.float64())
+        elif name.startswith("cos_half."):  # [cos against half 0, against half 1]
+            array = pa.array([None if v is None else [float(x) if _finite(x) else None for x in v] for v in values], type=pa.list_(pa.float64()))
         elif name.startswith("teacher_top."):
             array = pa.array(values, type=pa.list_(pa.struct([("token", pa.string()), ("prob", pa.float64())])))
         else:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from gadiag_core.config import to_toml
 from gadiag_core.errors import EnvironmentFailure, UsageError, cannot_write
+from gadiag_core.store.jsonl import BadLine, parse_records
 
 MARKER = ".gadiag-run"
 MARKER_TEXT = '{"gadiag_run": 1}\n'
@@ -240,18 +241,11 @@ class RunDir:
         path = self.path / name
         if not path.exists():
             return None
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise UsageError(f"{path} line {number} is not a complete {what} ({exc.msg}): {recover}") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path} line {number} is not a {what} record: {recover}")
-            rows.append(row)
-        return rows
+        try:
+            return parse_records(path.read_text(encoding="utf-8", errors="replace"))
+        except BadLine as bad:
+            what = f"complete {what}" if not bad.complete else f"{what} record"
+            raise UsageError(f"{path} line {bad.number} is not a {what} ({bad.reason}): {recover}") from None
 
     def read(self, name: str) -> list[dict]:
         return self.read_jsonl(name, "record", f"delete {self.path / name} to rebuild it") or []

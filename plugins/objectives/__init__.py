@@ -45,10 +45,17 @@ def _topk(options: TopKOptions, run):
     return TopKReverseKL(k=options.k)
 
 
+def _uld(options, run):
+    from gadiag_plugins.objectives.uld import ULD
+
+    return ULD()
+
+
 @hookimpl
 def register_objectives(register):
     register("reverse_kl", _simple("ReverseKL"), "full-vocabulary reverse KL(π‖p): b = π(r − Σπr)/τ, r = log p − log π")
     register("sampled_token", _simple("SampledToken"), "sampled-token reverse KL, the OPD advantage form: b = A(e_y − π)/τ, A = log p_y − log π_y")
     register("forward_kl", _simple("ForwardKL"), "forward KL(p‖π): b = (p − π)/τ")
     register("jsd", _jsd, "generalized Jensen-Shannon divergence of GKD: β KL(p‖m) + (1−β) KL(π‖m)", options=JSDOptions)
+    register("uld", _uld, "ULD sorted-probability distance Σ|sort(π) − sort(p)| (tokenizer-agnostic comparator, as TRL's GOLD uses)")
     register("topk_reverse_kl", _topk, "reverse KL on the student's top-k tokens, both renormalised there", options=TopKOptions)

@@ -51,6 +51,7 @@ class ReverseKL(Objective):
 class SampledToken(Objective):
     name = "sampled_token"
     description = "sampled-token reverse KL, the OPD advantage form: b = A(e_y − π)/τ, A = log p_y − log π_y"
+    reads = "sampled"  # only log p_y: a byte teacher gives its exact string probability
 
     def vector(self, student_logits, teacher_logprobs, sampled, temperature) -> torch.Tensor:
         return vectors.sampled_token_vector(student_logits, teacher_logprobs, sampled, temperature)

