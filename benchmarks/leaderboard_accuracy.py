@@ -26,7 +26,9 @@ where it is at least ‖a*‖² (gadiag_core.certify.leaderboard.node_noise).
 Table 5: the headline's per-token error at the default budget split into
 candidate truncation and the noise SIMEX leaves (error_parts).
 Numbers reported in README and issue 14 come from this script (5 seeds,
---budgets 4,6; and 3 seeds, --budgets 4,6,8,16). Cost: each pipeline run takes
+--budgets 4,6; and 3 seeds, --budgets 4,6,8,16). Estimator variants run on
+the same exact runs with --set and --tag, e.g. the `relative` allocation:
+--seeds 5 --budgets 4,6 --set allocation=relative --tag relative. Cost: each pipeline run takes
 ~1–2 min on one thread on a shared machine (load 3–6), so a fresh
 --seeds 5 --budgets 4,6,8,16 is ~25 pipeline runs; a rerun on the same --work
 only recomputes the tables (~4 min).

@@ -47,12 +47,16 @@ forced to start with the candidate. Cost T × K × M continuations.
    counts every node once, and a unit of noise shrinks the cosine of a node
    with small ‖a*‖² most; it then stops when the mean over nodes of
    N̂ / (Ê + N̂) (common.relative_noise) is at most target_error². Measured
-   on the exact environment (issue 14; benchmarks/leaderboard_accuracy.py,
-   5 seeds, 6 continuations, its "noise at the scored nodes" table): it
-   hardly changes the noise there (mean true N / (‖a*‖² + N) and the share of
-   nodes with N ≥ ‖a*‖² move by about 0.01), because a rollout's budget cannot move to other rollouts
-   and its 1–3 sampled nodes differ little in ‖a*‖²; so the default stays
-   `energy`.
+   on the exact environment (issue 14; `python benchmarks/leaderboard_accuracy.py
+   --seeds 5 --budgets 4,6 [--set allocation=relative --tag relative]`, its
+   table 4): it hardly changes the true noise at the scored nodes (mean
+   N / (‖a*‖² + N) 0.523 -> 0.525 at 4 continuations, 0.446 -> 0.445 at 6;
+   nodes with N ≥ ‖a*‖² 53% -> 50%, 43% -> 42%), because a rollout's budget
+   cannot move to other rollouts and its 1–3 sampled nodes differ little in
+   ‖a*‖². The headline's mean |error| per split moved by 0.002–0.006 at 4
+   continuations and by 0.000–0.014 at 6 (correct rollouts 0.041 -> 0.027);
+   with the noise itself unchanged those moves are not shown to be a gain
+   (other estimator seeds were not tried), so the default stays `energy`.
 
 Reuse. Every continuation is indexed by the path it takes along the rollout
 and counted in every estimate it informs:
