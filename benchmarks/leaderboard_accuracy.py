@@ -20,8 +20,15 @@ before issue 14), the former global `corrected` column, and the headline now
 Table 2: budget invariance — the headline at 2× and 4× the default
 continuations against the default one (interval overlap, mean shift).
 Table 3: headline (and raw) against exact per split at every budget.
+Table 4: the true noise at the scored nodes per budget (exact Q with the
+estimator's counts): mean share of noise in E‖â‖² and the share of nodes
+where it is at least ‖a*‖² (gadiag_core.certify.leaderboard.node_noise).
+Table 5: the headline's per-token error at the default budget split into
+candidate truncation and the noise SIMEX leaves (error_parts).
 Numbers reported in README and issue 14 come from this script (5 seeds,
---budgets 4,6; and 3 seeds, --budgets 4,6,8,16). Cost: each pipeline run takes
+--budgets 4,6; and 3 seeds, --budgets 4,6,8,16). Estimator variants run on
+the same exact runs with --set and --tag, e.g. the `relative` allocation:
+--seeds 5 --budgets 4,6 --set allocation=relative --tag relative. Cost: each pipeline run takes
 ~1–2 min on one thread on a shared machine (load 3–6), so a fresh
 --seeds 5 --budgets 4,6,8,16 is ~25 pipeline runs; a rerun on the same --work
 only recomputes the tables (~4 min).
@@ -38,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from gadiag_core.certify.leaderboard import METHODS, budget_agreement, leaderboard_errors, split_stats
+from gadiag_core.certify.leaderboard import METHODS, budget_agreement, error_parts, leaderboard_errors, node_noise, split_stats
 
 SPLITS = ("all", "correct", "incorrect", "question")
 
@@ -53,6 +60,9 @@ def parse_args(argv):
     p.add_argument("--work", default="benchmarks/out/leaderboard_accuracy", help="run directories (kept and reused)")
     p.add_argument("--json", default="", help="also write the numbers here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an estimator option for the `targeted` runs (repeatable; e.g. allocation=energy); with --tag")
+    p.add_argument("--tag", default="", help="name the `targeted` run directories with this (needed with --set, so runs of other options are not reused)")
     return p.parse_args(argv)
 
 
@@ -62,6 +72,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def ensure_run(work: Path, model: Path, args, seed: int, estimator: str, continuations: int | None) -> Path:
     name = f"{estimator}-s{seed}" + (f"-c{continuations}" if continuations else "")
+    if estimator != "exact" and args.tag:
+        name += f"-{args.tag}"
     run_dir = work / name
     if (run_dir / "summary.json").exists():
         return run_dir
@@ -73,6 +85,9 @@ def ensure_run(work: Path, model: Path, args, seed: int, estimator: str, continu
     ]
     if continuations:
         cmd += ["--set", f"estimator.continuations={continuations}"]
+    if estimator != "exact":
+        for item in args.set:
+            cmd += ["--set", f"estimator.{item}"]
     started = time.time()
     # cwd = the work folder: a ./harness.toml of the caller must not apply.
     done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
@@ -95,6 +110,8 @@ def fmt_bias(pair) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    if args.set and not args.tag:
+        raise SystemExit("--set needs --tag (run directories are reused by name)")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     model = work / "toy-model"
@@ -106,12 +123,16 @@ def main(argv=None) -> int:
 
     errors = {b: [] for b in budgets}  # budget -> [(seed, RowError)]
     tokens = {b: 0 for b in budgets}
+    records = {b: ([], []) for b in budgets}  # budget -> (token records, exact token records), all seeds
     for seed in range(args.seeds):
         exact_tokens, exact_rollouts, _ = load(ensure_run(work, model, args, seed, "exact", None))
         for budget in budgets:
             tok, rol, summary = load(ensure_run(work, model, args, seed, "targeted", budget))
             tokens[budget] += summary["budget"].get("sampled_tokens", 0)
             errors[budget] += [(seed, e) for e in leaderboard_errors(tok, rol, exact_tokens, exact_rollouts)]
+            # Keys made unique across seeds for the per-node tables below.
+            records[budget][0].extend(dict(r, question=f"{seed}:{r['question']}") for r in tok)
+            records[budget][1].extend(dict(r, question=f"{seed}:{r['question']}") for r in exact_tokens)
 
     default = budgets[0]
     flat = [e for _, e in errors[default]]
@@ -156,6 +177,17 @@ def main(argv=None) -> int:
                 f"{budget:13d} {tokens[budget] / max(1, tokens[default]):6.2f}× {split:10s} {s.mean_abs:6.3f} ({r.mean_abs:.3f}) "
                 f"{s.bias:+.3f} ± {s.bias_se:.3f} ({r.bias:+.3f}) {s.coverage:7.1%} ({r.coverage:.1%})"
             )
+    print("\nnoise at the scored nodes (exact Q and the estimator's counts: N = Σ ‖M e_k‖² Q(1 − Q)/n, E = ‖a*_C‖²):")
+    print(f"{'continuations':>13s} {'split':10s} {'nodes':>6s} {'mean N/(E+N)':>13s} {'share N ≥ E':>12s}")
+    for budget in budgets:
+        for split, v in sorted(node_noise(*records[budget]).items()):
+            results.setdefault("node_noise", {}).setdefault(budget, {})[split] = v.__dict__
+            print(f"{budget:13d} {split:10s} {v.nodes:6d} {v.share:13.3f} {v.dominated:12.1%}")
+    print(f"\nper-token error of the headline at continuations={default}, split into truncation (exact Q on the candidates − exact) and noise (SIMEX − exact Q on the candidates):")
+    print(f"{'split':10s} {'objective':14s} {'pairs':>7s} {'truncation':>11s} {'noise':>8s}")
+    for (split, objective), (trunc, noise_part, count) in sorted(error_parts(*records[default]).items()):
+        results.setdefault("error_parts", {})[f"{split}/{objective}"] = {"truncation": trunc, "noise": noise_part, "pairs": count}
+        print(f"{split:10s} {objective:14s} {count:7d} {trunc:+11.3f} {noise_part:+8.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0

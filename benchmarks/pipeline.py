@@ -14,6 +14,8 @@ uniform lies within ~1e-7 of a CDF boundary can flip).
 
     python benchmarks/pipeline.py                       # the README's default job (harness.toml)
     python benchmarks/pipeline.py --questions 2 --threads 1   # a quick look
+    python benchmarks/pipeline.py --threads 1 --prompt-cache-off   # also the scheduler without
+                                                        # node_logits' prompt cache (first in each set)
 
 Wall time depends on the machine's load: the load average is printed before
 and after, and the two ways run back to back (sequential first, then the
@@ -41,16 +43,23 @@ def load_average() -> str:
         return "n/a"
 
 
-def run_once(argv: list[str], run_dir: Path) -> tuple[dict, float, dict, dict]:
+def run_once(argv: list[str], run_dir: Path, prompt_cache: bool = True) -> tuple[dict, float, dict, dict]:
     from rich.console import Console
 
     from gadiag_core.commands.run import resolve_config
     from gadiag_core.engine.pipeline import run
+    from gadiag_plugins.students import hf
+
+    entries = hf.PROMPT_CACHE_ENTRIES
+    hf.PROMPT_CACHE_ENTRIES = entries if prompt_cache else 0
 
     config, registry = resolve_config(argv + ["--run-dir", str(run_dir)])
     start = time.perf_counter()
-    with open(os.devnull, "w") as quiet:
-        _, summary = run(config, registry, Console(file=quiet, stderr=False))
+    try:
+        with open(os.devnull, "w") as quiet:
+            _, summary = run(config, registry, Console(file=quiet, stderr=False))
+    finally:
+        hf.PROMPT_CACHE_ENTRIES = entries
     wall = time.perf_counter() - start
     return summary["throughput"], wall, {name: (run_dir / name).read_bytes() for name in RECORDS}, summary["rows"]
 
@@ -85,6 +94,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--in-flight", type=int, default=8, help="rollouts in flight for the scheduler (default 8, run.in_flight's default)")
     p.add_argument("--repeats", type=int, default=0, help="more sequential/scheduler pairs, for the drift")
+    p.add_argument("--prompt-cache-off", action="store_true", help="also run the scheduler with node_logits' prompt cache off (first in each set)")
     args = p.parse_args()
     base = ["--config", args.config, "--threads", str(args.threads)]
     if args.questions:
@@ -94,8 +104,11 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(1 + args.repeats):
-            for label, in_flight in (("sequential", 1), (f"scheduler ({args.in_flight})", args.in_flight)):
-                stats, wall, records, means = run_once(base + ["--set", f"run.in_flight={in_flight}"], Path(tmp) / f"{pair}-{in_flight}")
+            ways = [("sequential", 1, True), (f"scheduler ({args.in_flight})", args.in_flight, True)]
+            if args.prompt_cache_off:
+                ways.insert(0, ("sched, no cache", args.in_flight, False))
+            for label, in_flight, cache in ways:
+                stats, wall, records, means = run_once(base + ["--set", f"run.in_flight={in_flight}"], Path(tmp) / f"{pair}-{in_flight}-{cache}", cache)
                 rows.append((pair, label, stats, wall, records, means))
                 print(f"  pair {pair} {label}: {wall:.1f} s", file=sys.stderr)
     print(f"load average after:  {load_average()}")
@@ -107,7 +120,9 @@ def main() -> int:
             f"{s['tokens_per_second'] or 0:7.0f} {s['sampler_calls']:6d} {s['mean_batch_size'] or 0:6.1f} {100 * (s['share_outside_sampler'] or 0):7.0f}%"
         )
     for pair in range(1 + args.repeats):
-        seq, sched = [r for r in rows if r[0] == pair]
+        *uncached, seq, sched = [r for r in rows if r[0] == pair]
+        for off in uncached:
+            print(f"pair {pair}: prompt cache: wall without/with {off[3] / sched[3]:.2f}×; {compare(off, sched)}")
         print(
             f"pair {pair}: wall ratio sequential/scheduler {seq[3] / sched[3]:.2f}×, "
             f"sampler tokens/s ratio {(sched[2]['tokens_per_second'] or 0) / max(seq[2]['tokens_per_second'] or 1e-9, 1e-9):.2f}×, "

@@ -142,3 +142,37 @@ def test_budget_invariance_of_the_headline():
     assert head.n == raw.n == 8 * 2 * 3
     assert head.overlap >= 0.9
     assert head.mean_abs_shift < 0.6 * raw.mean_abs_shift
+
+
+def test_error_parts_and_node_noise_on_known_q():
+    """Synthetic records whose exact Q is known: with the exact run's cosine equal
+    to the cosine on the candidates, the truncation part is 0 and the noise part
+    is the mean SIMEX error; shifting the exact cosines by −0.1 (as if tokens
+    outside the candidates mattered) moves exactly that into the truncation part.
+    node_noise's share is the mean of N / (E + N) with N from the exact Q."""
+    from gadiag_core.certify.leaderboard import error_parts, node_noise
+    from gadiag_core.scoring.alignment import corrected_token_cosines
+
+    pop = population(40, seed=4)
+    tokens, exact = draw_records(pop, 6, seed=7, questions=10)
+    for t, x, (probs, q, _) in zip(tokens, exact, pop):
+        t["candidates"] = x["candidates"] = list(range(len(q)))
+        x["q_hat"] = q.tolist()
+    parts = error_parts(tokens, exact)
+    simex_err = [v - x["cos"][row] for t, x in zip(tokens, exact) for row, v in corrected_token_cosines(t)[0].items()]
+    trunc, noise_part, pairs = parts[("all", "o")]
+    assert pairs == len(simex_err) == 80
+    assert abs(trunc) < 1e-9
+    assert noise_part == pytest.approx(sum(simex_err) / len(simex_err), abs=1e-9)
+    shifted = [dict(x, cos={row: v - 0.1 for row, v in x["cos"].items()}) for x in exact]
+    trunc2, noise2, _ = error_parts(tokens, shifted)[("all", "o")]
+    assert trunc2 == pytest.approx(0.1) and noise2 == pytest.approx(noise_part)
+    shares = []
+    for probs, q, _ in pop:
+        n_sq = float(noise.noise_energy(probs, q * (1 - q) / 6))
+        e_sq = float((noise.ideal_map(probs) @ q).pow(2).sum())
+        shares.append(n_sq / (e_sq + n_sq))
+    result = node_noise(tokens, exact)
+    assert result["all"].nodes == 40
+    assert result["all"].share == pytest.approx(sum(shares) / len(shares))
+    assert 0 < result["all"].dominated < 1

@@ -307,6 +307,32 @@ def test_node_logits_matches_per_position_forward(tiny_lm):
     assert tiny_lm.node_logits(prompt, []).shape == (0, tiny_lm.vocab_size)
 
 
+def test_prompt_cache_is_exact_order_free_and_bounded(tiny_lm, monkeypatch):
+    """node_logits reads a prompt's keys/values from its cache: the same values
+    as a fresh forward whatever was read before, an untouched cached entry
+    after each read, and at most PROMPT_CACHE_ENTRIES prompts kept."""
+    from gadiag_plugins.students import hf
+
+    prompt = tiny_lm.encode_messages(MESSAGES)
+    other = tiny_lm.encode_messages([{"role": "user", "content": "What is 3 + 4?"}])
+    first = tiny_lm.tokenizer.encode("12+7=19", add_special_tokens=False)
+    second = tiny_lm.tokenizer.encode("19 is it", add_special_tokens=False)
+    tiny_lm._prompt_caches.clear()
+    cold = tiny_lm.node_logits(prompt, first)
+    assert len(tiny_lm._prompt_caches) == 1
+    tiny_lm.node_logits(prompt, second)  # extends a copy, not the cached entry
+    tiny_lm.node_logits(other, second)
+    assert torch.equal(tiny_lm.node_logits(prompt, first), cold)
+    with torch.no_grad():  # one forward of the whole sequence, no cache
+        whole = tiny_lm.model(torch.tensor([prompt + first[:-1]]), use_cache=False).logits[0, -len(first):]
+    torch.testing.assert_close(cold, whole, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(hf, "PROMPT_CACHE_ENTRIES", 2)
+    for k in range(4):
+        tiny_lm.node_logits(prompt + first[:k], second)
+    assert len(tiny_lm._prompt_caches) == 2
+    tiny_lm._prompt_caches.clear()
+
+
 def test_padded_vocab_width(tmp_path):
     lm = load_lm(str(make_tiny_model_dir(tmp_path, vocab=128, tie=False)))
     assert lm.vocab_size == 128

@@ -200,3 +200,99 @@ def budget_agreement(default: list[RowError], larger: list[RowError], method: st
         shift_se=shift_se,
         mean_abs_shift=sum(abs(s) for s in shifts) / len(shifts) if shifts else math.nan,
     )
+
+
+# ----------------------------------------------------------------------------
+# Where the remaining error comes from (needs the exact run's Q over the whole
+# vocabulary: the exact estimator's token records hold every token as a candidate)
+
+
+def _exact_on_candidates(record: dict, other: dict):
+    """(π_C, Q_C exact, counts, rows, b_unit [P, C]) of one token record, with the
+    exact run's Q at the record's candidates; None without them."""
+    import torch
+
+    units = record.get("b_cand")
+    exact_q = dict(zip(other.get("candidates", []), other.get("q_hat", [])))
+    if not units or any(k not in exact_q for k in record["candidates"]):
+        return None
+    rows = [row for row in units if row in record["cos"] and row not in REFERENCE_ROWS and _finite(record["cos"][row]) and _finite(other["cos"].get(row))]
+    p = torch.tensor(record["candidate_pi"], dtype=torch.float64)
+    q = torch.tensor([exact_q[k] for k in record["candidates"]], dtype=torch.float64)
+    n = torch.tensor(record["counts"], dtype=torch.float64).clamp_min(0)
+    b = torch.tensor([units[row] for row in rows], dtype=torch.float64).reshape(len(rows), len(p))
+    return p, q, n, rows, b
+
+
+@dataclass
+class NodeNoise:
+    """The true noise at the scored nodes of one split: with the exact Q_C and
+    the counts n the estimator used, N = Σ_k ‖M e_k‖² Q_k (1 − Q_k) / n_k and
+    E = ‖a*_C‖² (noise.noise_energy, noise.ideal_map)."""
+
+    nodes: int  # nodes with at least one sampled candidate
+    share: float  # mean of N / (E + N): the part of E‖â‖² that is noise
+    dominated: float  # share of nodes with N ≥ E (no extrapolation recovers them)
+
+
+def node_noise(tokens: list[dict], exact_tokens: list[dict]) -> dict[str, NodeNoise]:
+    """Per split ("all", "correct", "incorrect"): NodeNoise over the sampled nodes."""
+    import torch
+
+    from gadiag_core.scoring.noise import ideal_map, noise_energy
+
+    exact_by_key = {_key(r): r for r in exact_tokens}
+    shares = defaultdict(list)
+    for record in tokens:
+        other = exact_by_key.get(_key(record))
+        parts = _exact_on_candidates(record, other) if other else None
+        if parts is None:
+            continue
+        p, q, n, _, _ = parts
+        if not bool((n > 0).any()):
+            continue
+        var = torch.where(n > 0, q * (1 - q) / n.clamp_min(1), torch.zeros_like(q))
+        energy = float((ideal_map(p, record.get("temperature", 1.0)) @ q).pow(2).sum())
+        noise = float(noise_energy(p, var, record.get("temperature", 1.0)))
+        if energy + noise > 0:
+            for s in ("all", "correct" if record["correct"] else "incorrect"):
+                shares[s].append((noise / (energy + noise), noise >= energy))
+    return {
+        s: NodeNoise(len(v), sum(x for x, _ in v) / len(v), sum(d for _, d in v) / len(v))
+        for s, v in shares.items()
+    }
+
+
+def error_parts(tokens: list[dict], exact_tokens: list[dict]) -> dict[tuple, tuple[float, float, int]]:
+    """The headline's per-token error split into its two causes, averaged over
+    (node, row) pairs per (split, objective):
+
+        headline − exact = (cos_C − exact) + (headline − cos_C)
+                           truncation        noise (what SIMEX leaves)
+
+    cos_C = noise.candidate_cosine of the exact Q on the estimator's candidates
+    (value-neutral rule), exact = the exact run's full-vocabulary cosine,
+    headline = the SIMEX value (alignment.corrected_token_cosines).
+    Returns {(split, objective): (truncation, noise, pairs)}.
+    """
+    from gadiag_core.scoring.alignment import corrected_token_cosines
+    from gadiag_core.scoring.noise import candidate_cosine
+
+    exact_by_key = {_key(r): r for r in exact_tokens}
+    sums = defaultdict(lambda: [0.0, 0.0, 0])
+    for record in tokens:
+        other = exact_by_key.get(_key(record))
+        parts = _exact_on_candidates(record, other) if other else None
+        if parts is None or not parts[3]:
+            continue
+        p, q, _, rows, b = parts
+        on_cands = candidate_cosine(q, p, b, record.get("temperature", 1.0)).tolist()
+        simex, _ = corrected_token_cosines(record)
+        for j, row in enumerate(rows):
+            objective = row.partition("/")[2]
+            for s in ("all", "correct" if record["correct"] else "incorrect"):
+                acc = sums[(s, objective)]
+                acc[0] += on_cands[j] - other["cos"][row]
+                acc[1] += simex.get(row, record["cos"][row]) - on_cands[j]
+                acc[2] += 1
+    return {key: (t / n, e / n, n) for key, (t, e, n) in sums.items()}

@@ -52,6 +52,8 @@ class TargetedOptions(ScreenedOptions):
     value_growth: float = option(2.0, "backbone points get at most this × continuations while undecided", min=1.0)
     reuse: bool = option(True, "reuse every continuation for every estimate it informs")
     reuse_selection: bool = option(False, "also reuse the backbone continuations that chose the targets (cheaper, biased)")
+    allocation: str = option("energy", "energy: spend where the noise of the rollout's â drops most; relative: weigh each node by 1 / (its ‖a*‖² + noise)", choices=("energy", "relative"))
+    energy_floor: float = option(0.05, "allocation relative: added to a node's ‖a*‖² + noise, in units of its one-sample noise", min=0.0)
     direct_nodes: int = option(16, "rollouts with at most this many eligible nodes skip the backbone", min=0)
 
 

@@ -70,6 +70,34 @@ def _column_norms(probs: torch.Tensor, tau: float) -> torch.Tensor:
     return (p * p * (1 - 2 * w) + w * w * (p * p).sum()) / tau**2
 
 
+def node_weight(node, scale: float, floor: float) -> float:
+    """Allocation `relative`: how much one unit of noise energy at this node costs
+    the token mean of cosines.
+
+    The cosine of â = a* + noise is shrunk toward 0 by about N / (2 E) while the
+    noise energy N is small against E = ‖a*‖², and by 1 − sqrt(E / (E + N)) in
+    general; each node counts once in the token mean, so a unit of N costs
+    more where E is small. With Ê = ‖â‖² − N̂ (binomial, unbiased variances),
+    N̂_L the noise energy with Laplace variances and `scale` the node's own unit
+    of energy (Σ_k ‖M e_k‖² / 4: one sample per candidate at Q = 1/2):
+
+        weight = 1 / (max(Ê, 0) + N̂_L + floor · scale)
+
+    (the noise term keeps a node whose Ê is ≤ 0 from taking every sample).
+    Returns a positive float, the multiplier of the node's candidates' gains.
+    """
+    energy = max(node.energy_binomial, 0.0)
+    return 1.0 / (energy + node.norm_se**2 + max(floor * scale, 1e-300))
+
+
+def relative_noise(node) -> float:
+    """N̂_L / (max(Ê, 0) + N̂_L) in [0, 1]: the share of the node's ‖â‖² that is
+    noise (N̂_L with Laplace variances, Ê = ‖â‖² − N̂ binomial); 1 where Ê ≤ 0."""
+    energy = max(node.energy_binomial, 0.0)
+    noise = node.norm_se**2
+    return noise / (energy + noise) if energy + noise > 0 else 0.0
+
+
 @dataclass
 class TargetedNodeEstimate(NodeEstimate):
     """NodeEstimate plus the noise information the pipeline needs for standard

@@ -2,13 +2,14 @@
 
     prefix   shared-prefix KV caches, rows stop independently (prefix.py; the default)
     batched  plain batched KV-cache sampling (batched.py)
+    vllm     a vLLM engine (vllm.py; needs vllm installed, see README "Past one machine")
 
     draw.py           inverse-CDF token drawing with per-request seeds (both)
     llama_decoder.py  the hand-written Llama/Qwen decoder the prefix sampler drives
     threads.py        whether extra torch threads pay
 
-Loaded at the start of every command; the samplers (and torch) are imported
-only when one is built.
+Loaded at the start of every command; the samplers (and torch, and vllm) are
+imported only when one is built.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ class PrefixOptions:
     pack_weights: Optional[bool] = option(None, "prepack weights for oneDNN (none: for models up to 600M parameters)")
 
 
+@dataclass(frozen=True)
+class VllmOptions:
+    model: Optional[str] = option(None, "weights vLLM loads (none: the student's own folder or hub id; must be the same weights)")
+    batch_size: int = option(256, "most sequences vLLM decodes together (max_num_seqs)", min=1, max=1_000_000)
+    kv_cache_gb: Optional[float] = option(None, "KV-cache memory in GiB (none: 2 on CPU, vLLM's gpu_memory_utilization on GPU)", min=0, min_exclusive=True)
+    max_model_len: Optional[int] = option(None, "longest prefix + continuation (none: the model's limit)", min=1)
+    enforce_eager: bool = option(True, "skip torch.compile and CUDA graphs: start-up in seconds rather than minutes")
+    tensor_parallel_size: int = option(1, "GPUs one engine is split over", min=1, max=1024)
+    block_size: Optional[int] = option(None, "KV-cache block in tokens: prefix caching shares whole blocks (none: 32 on CPU, vLLM's default on GPU)", min=1, max=4096)
+
+
 def _batched(options: BatchedOptions, run):
     from gadiag_plugins.sampling.batched import BatchedSampler
 
@@ -47,7 +59,15 @@ def _prefix(options: PrefixOptions, run):
     return PrefixSampler(**as_dict(options))
 
 
+def _vllm(options: VllmOptions, run):
+    from gadiag_plugins.sampling.vllm import VllmSampler, import_vllm
+
+    import_vllm()  # a missing or broken vllm fails here, before any sampling, as one line
+    return VllmSampler(**as_dict(options))
+
+
 @hookimpl
 def register_samplers(register):
     register("batched", _batched, "batched KV-cache temperature sampling, per-request seeds", options=BatchedOptions)
     register("prefix", _prefix, "prefix-sharing batched sampler: each shared prefix encoded once, rows stop independently", options=PrefixOptions)
+    register("vllm", _vllm, "vLLM engine: per-request seeds, plain temperature sampling, automatic prefix caching (needs vllm)", options=VllmOptions)

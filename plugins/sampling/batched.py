@@ -8,32 +8,11 @@ the `prefix` sampler's up to float rounding.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from gadiag_core.interfaces import CausalLM, ContinuationRequest, RolloutSampler
 from gadiag_plugins.sampling.draw import _draw
-
-
-def cache_keyword(model) -> str:
-    """The forward() keyword of the KV cache: `cache` from transformers 5.x on,
-    `past_key_values` before (still accepted, with a deprecation warning)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _keeps_logits(model) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (recent transformers
-    causal LMs do)."""
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def returned_cache(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+from gadiag_plugins.students.hf import cache_keyword, keeps_logits, returned_cache
 
 
 class BatchedSampler(RolloutSampler):
@@ -86,7 +65,7 @@ class BatchedSampler(RolloutSampler):
         # Only the last position's logits are sampled from: asking for them alone
         # spares the output head on every prefix position ([B, width, V] floats:
         # 40 GB for 128 prefixes of 300 tokens at a 262,144-token vocabulary).
-        keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+        keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
         cache, logits = returned_cache(out), out.logits[:, -1, :].float()
         cache_kw = cache_keyword(model)
