@@ -6,7 +6,8 @@ value in one place — the run's own keys here, every plugin's options against
 the options dataclass it declared (gadiag_core.options) — and returns a frozen
 `RunConfig`; nothing after it reads the raw dict. `RunConfig.to_dict()` is
 what ``config.toml`` in the run directory holds (written with tomli-w, read
-back with tomllib), and validating it again gives the same RunConfig.
+back with tomllib), and validating it again gives the same RunConfig (up to
+the executor's keys, PLACEMENT_KEYS: where units run is not what the run is).
 
 Tables:
   [run]                what to diagnose and how much (task, teachers, objectives, counts, seed)
@@ -52,6 +53,18 @@ def _check_space(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _check_ray_address(value: str) -> str:
+    """'' | auto | local | host:port | ray://host:port (a typo fails here, not after Ray's minutes of retries)."""
+    text = value.strip()
+    if text in ("", "auto", "local"):
+        return text
+    rest = text[len("ray://"):] if text.startswith("ray://") else text
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        raise ValueError(f"{value!r} is not a Ray address: use host:port (the head's GCS port, e.g. 10.0.0.5:6379), ray://host:10001 or auto")
+    return text
+
+
 @dataclass(frozen=True)
 class RunOptions:
     task: str = option("math", "task name (see `gadiag-harness list task`)")
@@ -66,6 +79,19 @@ class RunOptions:
     plugins_dirs: list[str] = option([], "folders of loose plugin files")
     threads: int = option(0, "torch CPU threads (0 = all cores)", min=0, max=1024)
     in_flight: int = option(8, "rollouts diagnosed together, in fixed waves: their continuation requests share sampler calls (1 = one after another)", min=1, max=4096)
+    executor: str = option("local", "where waves are diagnosed: local (this process) or ray (actors on a Ray cluster; pip install 'gadiag[ray]')", choices=("local", "ray"))
+    ray_address: str = option("", "Ray cluster to join: host:port, ray://host:port or auto (empty: $RAY_ADDRESS, else a local cluster started for the run)", check=_check_ray_address)
+    workers: int = option(0, "Ray actors, each holding the student and teachers (0 = as many as the cluster's CPUs/GPUs hold)", min=0, max=4096)
+    worker_cpus: float = option(1.0, "CPUs each Ray actor reserves (its torch threads too, unless run.threads is set)", min=0.0, max=1024.0)
+    worker_gpus: float = option(0.0, "GPUs each Ray actor reserves", min=0.0, max=64.0)
+
+
+# Where a run's units are computed, not what they hold: results do not depend
+# on them (tests/test_executor_ray.py), so they are not part of a run's
+# identity. `RunConfig.to_dict()` (config.toml, the resume check) leaves them
+# out: a run started locally may resume on a cluster and the other way round,
+# and a run's files are byte-identical whichever executor wrote them.
+PLACEMENT_KEYS = ("executor", "ray_address", "workers", "worker_cpus", "worker_gpus")
 
 
 @dataclass(frozen=True)
@@ -125,13 +151,15 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """The resolved configuration as TOML-ready tables (None values left out:
-        TOML has no null, and an absent key reads back as the default None)."""
+        TOML has no null, and an absent key reads back as the default None).
+        The executor's keys (PLACEMENT_KEYS) are left out: they are not part
+        of what the run is."""
 
         def clean(d: dict) -> dict:
             return {k: v for k, v in d.items() if v is not None}
 
         return {
-            "run": clean(as_dict(self.run)),
+            "run": clean({k: v for k, v in as_dict(self.run).items() if k not in PLACEMENT_KEYS}),
             "student": clean({**as_dict(self.student), **as_dict(self.student_options)}),
             "task": clean(self.task.option_dict()),
             "sampler": clean({"name": self.sampler.name, **self.sampler.option_dict()}),

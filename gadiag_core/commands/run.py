@@ -28,6 +28,9 @@ FLAG_KEYS = {
     "output_dir": "run.output_dir",
     "run_dir": "run.run_dir",
     "threads": "run.threads",
+    "executor": "run.executor",
+    "ray_address": "run.ray_address",
+    "workers": "run.workers",
 }
 
 
@@ -54,6 +57,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--output-dir", help="parent folder of new run directories")
     p.add_argument("--run-dir", help="exact run directory to write (resumes a run made with the same settings)")
     p.add_argument("--threads", help="torch CPU threads (0 = all cores)")
+    p.add_argument("--executor", help="where rollouts are diagnosed: local (default) or ray (needs pip install 'gadiag[ray]')")
+    p.add_argument("--ray-address", help="Ray cluster to join with --executor ray: host:port, ray://host:port or auto (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--workers", help="Ray actors holding the models (0 = as many as the cluster's CPUs allow; run.worker_cpus each)")
     p.add_argument(
         "--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
         help="set any config key or plugin option, e.g. --set objectives.jsd.beta=0.9 --set estimator.continuations=8 (repeatable)",
@@ -77,7 +83,7 @@ def resolve_config(argv: list[str]):
         if value is not None:
             # Typed like --set: "0.5" is a number, "true" a boolean, text stays text.
             overrides[key] = value if attr in ("task", "data", "teachers", "objectives", "model", "space", "estimator",
-                                               "sampler", "output_dir", "run_dir") else config_mod.parse_value(value)
+                                               "sampler", "output_dir", "run_dir", "executor", "ray_address") else config_mod.parse_value(value)
     overrides.update(config_mod.parse_set(args.set))
     raw = config_mod.raw_config(path, overrides)
     run_table = raw.setdefault("run", {})

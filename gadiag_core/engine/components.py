@@ -47,10 +47,11 @@ def run_context(config: RunConfig, registry: Registry) -> RunContext:
     )
 
 
-def build_components(config: RunConfig, registry: Registry, task: Task | None = None) -> Components:
+def build_components(config: RunConfig, registry: Registry, task: Task | None = None, teachers: bool = True) -> Components:
     """Every component of the run, built through the registry (names and
     options were checked by config.validate; models load here). `task`: one
-    already built (the run loads its problems before the models)."""
+    already built (the run loads its problems before the models). `teachers`
+    False: none loaded (a Ray driver: its actors hold the teachers)."""
     run = run_context(config, registry)
     if task is None:
         task = registry.create("task", config.task.name, run, **config.task.option_dict())
@@ -62,16 +63,16 @@ def build_components(config: RunConfig, registry: Registry, task: Task | None = 
         # Its defaults follow the student (the math levels of a base model prompted
         # in plain text): build it again now that the student is known.
         task = registry.create("task", config.task.name, run, **config.task.option_dict())
-    teachers = {}
-    for name in config.run.teachers:
+    loaded = {}
+    for name in config.run.teachers if teachers else ():
         if name in config.teachers:
             choice = config.teachers[name]
             teacher = registry.create("teacher_type", choice.name, run, **_set(choice.options))
             teacher.name = name
         else:
             teacher = registry.create("teacher", name, run)
-        teachers[name] = teacher
-    return Components(task, run.student, teachers, objectives, sampler, estimator)
+        loaded[name] = teacher
+    return Components(task, run.student, loaded, objectives, sampler, estimator)
 
 
 def _set(options) -> dict:

@@ -103,12 +103,27 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
     problems = task.problems(config.run.questions, config.run.seed)
     check_problem_ids(problems, config.task.name)
     run_dir = RunDir.prepare(config.to_dict())
+    # --executor ray: the actors start loading their models now, beside the
+    # driver's own loading; the driver loads the student only (rollouts, summary).
+    remote = start_remote(config, console) if config.run.executor == "ray" else None
+    try:
+        return _diagnose(config, registry, console, started, task, problems, run_dir, remote)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _diagnose(config: RunConfig, registry: Registry, console: Console, started: float, task, problems, run_dir: RunDir, remote):
+    """The run after its checks: load, sample or reload the rollouts, diagnose
+    the missing units (here or on `remote`), assemble the files."""
     with console.status("loading student and teachers…"):
-        c = build_components(config, registry, task=task)
+        c = build_components(config, registry, task=task, teachers=remote is None)
     if c.task is not task:  # rebuilt with student-dependent defaults: its problems too
         problems = c.task.problems(config.run.questions, config.run.seed)
         check_problem_ids(problems, config.task.name)
     space_description(config.run.space, c.student.model)  # a selector that matches nothing fails here
+    if remote is not None:
+        remote.wait_ready()  # a model the workers cannot load fails here, before the folder exists
     run_dir.start(config.to_dict())
     console.print(f"run directory: {run_dir.path}")
 
@@ -124,14 +139,10 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
             bar = progress.add_task("sampling student rollouts", total=n_rollouts)
             rollouts = sample_rollouts(c, problems, config, sample, on_done=lambda: progress.advance(bar))
             run_dir.write_jsonl("rollouts.jsonl", [rollout_row(c, r, config.student.max_new_tokens) for r in rollouts])
-        by_question: dict[str, list[Rollout]] = {}
-        for r in rollouts:
-            by_question.setdefault(r.problem.id, []).append(r)
 
         expected = {unit_name(r): (r.problem.id, r.index) for r in rollouts}
         done = run_dir.finished_units(expected, warn=lambda line: console.print(line, style="yellow", soft_wrap=True, markup=False, highlight=False))
-        todo = [r for r in rollouts if unit_name(r) not in done]
-        bar = progress.add_task("diagnosing rollouts", total=len(rollouts), completed=len(rollouts) - len(todo))
+        bar = progress.add_task("diagnosing rollouts", total=len(rollouts), completed=len(done))
 
         def finished(r: Rollout, result) -> None:
             if unit_name(r) in done:
@@ -146,23 +157,25 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
         # is the unit of batching: a resumed run diagnoses every wave with a
         # missing unit whole, so each sampler call holds exactly the requests
         # it held in an uninterrupted run, and float rounding of the batched
-        # matmuls cannot make a resumed run differ. Units are written as they
-        # finish; the final files are assembled in a fixed order below.
-        size = config.run.in_flight
-        for wave in (rollouts[i : i + size] for i in range(0, len(rollouts), size)):
-            if all(unit_name(r) in done for r in wave):
-                continue
-            starts = [(r, partial(diagnosis_steps, c, r, by_question[r.problem.id], problems, config)) for r in wave]
-            run_interleaved(starts, sample, len(wave), finished)
-
+        # matmuls cannot make a resumed run differ. The same holds on Ray: a
+        # wave is what an actor diagnoses. Units are written (here, by the
+        # driver alone) as they finish; the final files are assembled in a
+        # fixed order below.
+        waves = [w for w in wave_bounds(len(rollouts), config.run.in_flight) if not all(unit_name(r) in done for r in rollouts[w[0] : w[1]])]
+        if remote is None:
+            diagnose_locally(c, rollouts, problems, config, waves, sample, finished)
+        else:
+            remote.diagnose(rollouts, waves, finished, stats)
     units = [run_dir.read_unit(unit_name(r)) for r in rollouts]
     token_records = [record for unit in units for record in unit["tokens"]]
     rollout_records = [unit["rollout"] for unit in units]
     run_dir.write_jsonl("tokens.jsonl", token_records)
     run_dir.write_jsonl("questions.jsonl", rollout_records)
-    summary = summarize(config, c, rollouts, token_records, rollout_records)
+    infos = teacher_infos(c) if remote is None else remote.teacher_infos
+    summary = summarize(config, c, rollouts, token_records, rollout_records, infos)
     # This session's sampler accounting (a resumed run counts only its own part).
     summary["throughput"] = stats.summary(time.time() - started)
+    summary["throughput"].update({"executor": "local"} if remote is None else remote.describe())
     run_dir.write_json("summary.json", summary)
     # Files people open: Parquet records and the HTML report with its plots.
     with writing(run_dir.path):
@@ -171,6 +184,32 @@ def run(config: RunConfig, registry: Registry, console: Console | None = None) -
         write_html_report(run_dir.path)
     console.print(f"wall time {time.time() - started:.1f} s")
     return run_dir, summary
+
+
+def wave_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each wave: rollouts in fixed groups of `size`, in rollout order."""
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def diagnose_locally(c: Components, rollouts: list[Rollout], problems: list[Problem], config: RunConfig, waves, sample, finished) -> None:
+    """Diagnose the given waves in this process, each wave's requests batched
+    together; `finished(rollout, (token records, rollout record))` per rollout.
+    (gadiag_core.engine.ray_executor runs this same function on an actor.)"""
+    by_question: dict[str, list[Rollout]] = {}
+    for r in rollouts:
+        by_question.setdefault(r.problem.id, []).append(r)
+    for start, stop in waves:
+        wave = rollouts[start:stop]
+        starts = [(r, partial(diagnosis_steps, c, r, by_question[r.problem.id], problems, config)) for r in wave]
+        run_interleaved(starts, sample, len(wave), finished)
+
+
+def start_remote(config: RunConfig, console: Console):
+    """The Ray executor, connected and its actors starting (imported only here:
+    ray is an optional extra and slow to import)."""
+    from gadiag_core.engine.ray_executor import RayExecutor
+
+    return RayExecutor.start(config, console)
 
 
 def unit_name(rollout: Rollout) -> str:
@@ -220,6 +259,13 @@ def load_rollouts(c: Components, problems: list[Problem], run_dir: RunDir, per_q
     rows = run_dir.read_jsonl("rollouts.jsonl", "rollout", recover)
     if rows is None:
         return None
+    return rollouts_from_rows(c, problems, rows, per_question, path, recover)
+
+
+def rollouts_from_rows(c: Components, problems: list[Problem], rows: list[dict], per_question: int, path, recover: str) -> list[Rollout]:
+    """Rollouts rebuilt from their rows (question, rollout, generated_ids, text,
+    correct; prompts rebuilt from the task), checked: every row names a
+    question of this run, none repeats, the set is complete."""
     by_id = {p.id: p for p in problems}
     rollouts, seen = [], set()
     for number, row in enumerate(rows, 1):
@@ -242,12 +288,18 @@ def load_rollouts(c: Components, problems: list[Problem], run_dir: RunDir, per_q
     return rollouts
 
 
-def teacher_info(c: Components, token_records) -> dict:
-    """External teachers: model, tokenizer, path (ids or bytes), and for the byte
-    path the mean teacher mass on the candidates and the mean mass left out."""
+def teacher_infos(c: Components) -> dict:
+    """Each loaded teacher's `info` (external teachers: model, tokenizer, path)."""
+    return {name: dict(getattr(teacher, "info", None) or {}) for name, teacher in c.teachers.items()}
+
+
+def teacher_info(infos: dict, token_records) -> dict:
+    """External teachers (`infos`: teacher_infos of the components that held
+    them): model, tokenizer, path (ids or bytes), and for the byte path the
+    mean teacher mass on the candidates and the mean mass left out."""
     out = {}
-    for name, teacher in c.teachers.items():
-        info = dict(getattr(teacher, "info", None) or {})
+    for name, info in infos.items():
+        info = dict(info or {})
         if not info:
             continue
         masses = [r["teacher_mass"][name] for r in token_records if name in r.get("teacher_mass", {})]
@@ -258,9 +310,10 @@ def teacher_info(c: Components, token_records) -> dict:
     return out
 
 
-def summarize(config, c: Components, rollouts, token_records, rollout_records) -> dict:
+def summarize(config, c: Components, rollouts, token_records, rollout_records, infos: dict) -> dict:
     """summary.json: what the run was (task, student, space, plugins) and what
-    its records say (gadiag_core.store.records.record_summary)."""
+    its records say (gadiag_core.store.records.record_summary). `infos`:
+    see teacher_infos (on Ray, the workers')."""
     rows = [rollout_row(c, r, config.student.max_new_tokens) for r in rollouts]
     return {
         "task": c.task.name,
@@ -271,8 +324,8 @@ def summarize(config, c: Components, rollouts, token_records, rollout_records) -
         "space_description": space_description(config.run.space, c.student.model),
         "estimator": config.estimator.name,
         "sampler": config.sampler.name,
-        "teachers": list(c.teachers),
-        "teacher_info": teacher_info(c, token_records),
+        "teachers": list(config.run.teachers),  # c.teachers is empty on a Ray driver
+        "teacher_info": teacher_info(infos, token_records),
         "objectives": list(c.objectives),
         # Non-default settings matter to read a row: e.g. {"jsd": {"beta": 0.9}}.
         "objective_options": {name: choice.option_dict() for name, choice in config.objectives.items() if choice.option_dict()},
