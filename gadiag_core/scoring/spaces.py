@@ -41,7 +41,8 @@ import math
 
 import torch
 
-from gadiag_core.scoring.param_grads import gram_cosine, hidden_gradients, model_of, parameter_grams, select_parameters, unique_params
+from gadiag_core.scoring.param_grads import gram_cosine, hidden_gradients, model_of, parameter_grams
+from gadiag_core.scoring.param_select import select_parameters, unique_params
 from gadiag_core.scoring.space_spec import parse_space
 
 
