@@ -3,7 +3,7 @@
 Exact environments:
   * the toy environment (gadiag_tasks.toy_env): a tiny random transformer, exact
     Q by enumeration, horizon 4;
-  * the chain environment (benchmarks/estimator_cost.py): a Markov "chain of
+  * the chain environment (gadiag_tasks.chain_env): a Markov "chain of
     thought" with exact Q by dynamic programming at any length, and a pure-Python
     sampler whose draws do not depend on batching at all.
 
@@ -16,8 +16,6 @@ do not depend on batching or call order; cost grows sub-linearly with length.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,8 +27,7 @@ from gadiag_plugins.estimation.common import ContinuationPool, TargetedNodeEstim
 from gadiag_plugins.estimation.targeted import TargetedEstimator
 from gadiag_plugins.estimation.uniform import UniformEstimator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from estimator_cost import ChainEnvironment  # noqa: E402
+from gadiag_tasks.chain_env import ChainEnvironment
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
