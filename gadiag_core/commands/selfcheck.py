@@ -210,7 +210,7 @@ def check_summary(s: Summary, is_default: bool, args) -> list[str]:
     return problems
 
 
-LB_SPLITS = ("all", "correct", "incorrect", "question")
+LB_SPLITS = ("all", "correct", "incorrect")
 
 
 def leaderboard_check(args, registry, objectives: dict, task, build_environment, console, label: str, problems: int, rollouts: int, horizon: int, seeds: int) -> list[str]:
@@ -239,12 +239,13 @@ def leaderboard_check(args, registry, objectives: dict, task, build_environment,
         f"{problems} problems × {rollouts} rollouts, horizon {horizon}",
         title_justify="left",
     )
-    for column in ("split", "entries", "mean |Δ|", "max |Δ|", "signed bias", "95% CI covers", "raw: mean |Δ|", "raw: bias", "status"):
+    for column in ("split", "entries", "mean |Δ|", "max |Δ|", "signed bias", "95% CI covers", "raw: mean |Δ|", "raw: bias", "token: mean |Δ|", "token: bias", "status"):
         table.add_column(column, justify="left" if column in ("split", "status") else "right")
     failures = []
     for split in LB_SPLITS:
         s = split_stats(flat, "headline", split)
         r = split_stats(flat, "raw", split)
+        t = split_stats(flat, "token", split)
         if s.n == 0:
             continue
         problems_here = []
@@ -257,7 +258,7 @@ def leaderboard_check(args, registry, objectives: dict, task, build_environment,
         failures += [f"leaderboard {name}, {label}, split {split}: {m}" for m in problems_here]
         table.add_row(
             split, str(s.n), f"{s.mean_abs:.3f}", f"{s.max_abs:.3f}", f"{s.bias:+.3f} ± {s.bias_se:.3f}", f"{s.coverage:.1%}",
-            f"{r.mean_abs:.3f}", f"{r.bias:+.3f}", "[green]ok[/]" if not problems_here else "[red]FAIL[/]",
+            f"{r.mean_abs:.3f}", f"{r.bias:+.3f}", f"{t.mean_abs:.3f}", f"{t.bias:+.3f}", "[green]ok[/]" if not problems_here else "[red]FAIL[/]",
         )
     console.print(table)
     for budget in budgets[1:]:
