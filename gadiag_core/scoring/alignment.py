@@ -17,7 +17,7 @@ estimate is stable enough to divide by, where a per-token correction is not.
 Measured against `--estimator exact` on the enumerable toy environment
 (benchmarks/leaderboard_accuracy.py, 5 seeds, default budget) these means are
 off by 0.013 / 0.016 / 0.025 on average (all / incorrect / correct), the token
-means below by 0.030 / 0.024 / 0.042.
+means below by 0.032 / 0.026 / 0.048.
 
 The token means stay available: `token_*` is the mean over scored nodes of
 SIMEX per-token cosines (gadiag_core.scoring.noise.simex_cosine: the cosine
