@@ -13,13 +13,16 @@ recomputed from the records with the current code).
 
 Table 1 (before → after): per split, the mean |estimate − exact| of every
 teacher × objective leaderboard mean, its signed bias (± its standard error,
-also per objective) and the share of 95% intervals containing the exact mean,
-for the raw token mean with the question-bootstrap interval (the headline
-before issue 14), the former global `corrected` column, and the headline now
-(SIMEX token mean; the per-question score with the binomial noise correction).
+also per objective) and the share of 95% intervals containing the exact mean:
+the headline now (the mean over rollouts of the per-rollout noise-corrected
+pooled cosine, against the exact mean of per-rollout cosines) and its raw
+counterpart; before it, the token means against the exact token mean: the
+raw token mean (the headline before issue 14), the global-factor token mean
+and the SIMEX token mean (the headline before the rollout-level change).
 Table 2: budget invariance — the headline at 2× and 4× the default
 continuations against the default one (interval overlap, mean shift).
-Table 3: headline (and raw) against exact per split at every budget.
+Table 3: headline (raw per-rollout mean; SIMEX token mean) against exact per
+split at every budget, with each budget's sampled tokens relative to the default.
 Table 4: the true noise at the scored nodes per budget (exact Q with the
 estimator's counts): mean share of noise in E‖â‖² and the share of nodes
 where it is at least ‖a*‖² (gadiag_core.certify.leaderboard.node_noise).
@@ -47,7 +50,7 @@ from pathlib import Path
 
 from gadiag_core.certify.leaderboard import METHODS, budget_agreement, error_parts, leaderboard_errors, node_noise, split_stats
 
-SPLITS = ("all", "correct", "incorrect", "question")
+SPLITS = ("all", "correct", "incorrect")
 
 
 def parse_args(argv):
@@ -142,7 +145,10 @@ def main(argv=None) -> int:
         f"--teachers all, seeds 0–{args.seeds - 1}; default budget continuations={default} "
         f"({tokens[default] / max(1, args.seeds):.0f} sampled tokens per run)"
     )
-    labels = {"raw": "raw token mean (before)", "global": "global `corrected` (before)", "headline": "headline `align` (after)"}
+    labels = {
+        "token_raw": "raw token mean (before)", "global": "global token factor (before)", "token": "SIMEX token mean (before)",
+        "raw": "raw per-rollout mean", "headline": "headline `align` (after)",
+    }
     print(f"\n{'split':10s} {'method':28s} {'entries':>7s} {'mean|Δ|':>8s} {'max|Δ|':>7s} {'signed bias':>15s} {'95% CI covers':>13s}  bias per objective")
     for split in SPLITS:
         results["splits"][split] = {}
@@ -156,26 +162,26 @@ def main(argv=None) -> int:
             print(f"{split:10s} {labels[method]:28s} {s.n:7d} {s.mean_abs:8.3f} {s.max_abs:7.3f} {fmt_bias((s.bias, s.bias_se)):>15s} {cover:>13s}  {per_obj}")
     print("\nbudget invariance of the headline (same seeds; intervals overlap / mean shift larger − default):")
     for budget in budgets[1:]:
-        for method in ("headline", "raw"):
+        for method in ("headline", "raw", "token"):
             a = budget_agreement(errors[default], errors[budget], method)
             results["agreement"][f"{budget}:{method}"] = a.__dict__
             print(
                 f"  continuations {budget} ({tokens[budget] / max(1, tokens[default]):.1f}× tokens) vs {default}, {method:8s}: "
                 f"{a.n} entries, intervals overlap {a.overlap:.1%}, shift {a.shift:+.3f} ± {a.shift_se:.3f}, mean |shift| {a.mean_abs_shift:.3f}"
             )
-    print("\nheadline (raw) against exact at every budget:")
-    print(f"{'continuations':>13s} {'tokens':>7s} {'split':10s} {'mean|Δ|':>14s} {'signed bias':>24s} {'95% CI covers':>16s}")
+    print("\nheadline (raw per-rollout mean; SIMEX token mean) against exact at every budget:")
+    print(f"{'continuations':>13s} {'tokens':>7s} {'split':10s} {'mean|Δ|':>22s} {'signed bias':>34s} {'95% CI covers':>24s}")
     for budget in budgets:
         results.setdefault("by_budget", {})[budget] = {}
         for split in SPLITS:
-            s = split_stats([e for _, e in errors[budget]], "headline", split)
-            r = split_stats([e for _, e in errors[budget]], "raw", split)
+            chosen = [e for _, e in errors[budget]]
+            s, r, t = (split_stats(chosen, m, split) for m in ("headline", "raw", "token"))
             if s.n == 0:
                 continue
-            results["by_budget"][budget][split] = {"headline": s.__dict__, "raw": r.__dict__}
+            results["by_budget"][budget][split] = {"headline": s.__dict__, "raw": r.__dict__, "token": t.__dict__}
             print(
-                f"{budget:13d} {tokens[budget] / max(1, tokens[default]):6.2f}× {split:10s} {s.mean_abs:6.3f} ({r.mean_abs:.3f}) "
-                f"{s.bias:+.3f} ± {s.bias_se:.3f} ({r.bias:+.3f}) {s.coverage:7.1%} ({r.coverage:.1%})"
+                f"{budget:13d} {tokens[budget] / max(1, tokens[default]):6.2f}× {split:10s} {s.mean_abs:6.3f} ({r.mean_abs:.3f}; {t.mean_abs:.3f}) "
+                f"{s.bias:+.4f} ± {s.bias_se:.4f} ({r.bias:+.3f}; {t.bias:+.3f}) {s.coverage:7.1%} ({r.coverage:.1%}; {t.coverage:.1%})"
             )
     print("\nnoise at the scored nodes (exact Q and the estimator's counts: N = Σ ‖M e_k‖² Q(1 − Q)/n, E = ‖a*_C‖²):")
     print(f"{'continuations':>13s} {'split':10s} {'nodes':>6s} {'mean N/(E+N)':>13s} {'share N ≥ E':>12s}")
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
         for split, v in sorted(node_noise(*records[budget]).items()):
             results.setdefault("node_noise", {}).setdefault(budget, {})[split] = v.__dict__
             print(f"{budget:13d} {split:10s} {v.nodes:6d} {v.share:13.3f} {v.dominated:12.1%}")
-    print(f"\nper-token error of the headline at continuations={default}, split into truncation (exact Q on the candidates − exact) and noise (SIMEX − exact Q on the candidates):")
+    print(f"\nper-token error of the SIMEX token mean at continuations={default}, split into truncation (exact Q on the candidates − exact) and noise (SIMEX − exact Q on the candidates):")
     print(f"{'split':10s} {'objective':14s} {'pairs':>7s} {'truncation':>11s} {'noise':>8s}")
     for (split, objective), (trunc, noise_part, count) in sorted(error_parts(*records[default]).items()):
         results.setdefault("error_parts", {})[f"{split}/{objective}"] = {"truncation": trunc, "noise": noise_part, "pairs": count}

@@ -478,10 +478,11 @@ def test_S4_nothing_scored_says_why(toy_model_dir, tmp_path, capsys):
     assert "the ideal gradient is zero there" in " ".join(out.split())
 
 
-def test_html_leaderboard_has_both_corrected_columns(toy_reference):
+def test_html_leaderboard_has_headline_and_token_columns(toy_reference):
     page = (toy_reference[1] / "report" / "index.html").read_text()
     head = page[page.index('<table class="leaderboard">') : page.index("</thead>")]
-    assert head.count(">corrected</th>") == 2
+    for column in ("align", "raw", "incorrect", "correct", "token", "token raw"):
+        assert f">{column}</th>" in head
 
 
 # ----------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_selfcheck_passes_on_builtins_and_prints_the_table(capsys):
     assert "FAIL" not in out
     for title in ("leaderboard means of targeted", "default environment", "larger environment", "horizon 5", "budget invariance"):
         assert title in out
-    for split in ("correct", "incorrect", "question"):
+    for split in ("correct", "incorrect"):
         assert split in out
 
 

@@ -4,15 +4,20 @@ Inputs are records as a run writes them (tokens.jsonl, questions.jsonl): one
 set from the estimator under test and one from the exact estimator over the
 same rollouts (pipeline runs with the same seed, or
 `gadiag_core.certify.records.environment_records` on the exact environment).
-For every teacher × objective row and every split (all / correct / incorrect
-token means, and the per-question mean) it compares
+For every teacher × objective row and every split (all / correct / incorrect)
+it compares
 
-    headline   the leaderboard's `align` (gadiag_core.scoring.alignment: SIMEX token mean)
-    raw        the mean of raw token cosines (the headline before issue 14)
-    global     the former `corrected` column (one energy factor per row)
-
-with the exact mean over the same nodes (rollouts for the per-question
-score), and checks whether the leaderboard's 95% interval contains it.
+    headline   the leaderboard's `align` / `correct` / `incorrect`
+               (gadiag_core.scoring.alignment: the mean over rollouts of the
+               per-rollout noise-corrected pooled cosine)
+    raw        the same mean of raw per-rollout pooled cosines
+with the exact mean over the same rollouts, and, as "before" (the headline
+until issue 14's rollout-level change), the token means
+    token      the SIMEX token mean (`token_*`)
+    token_raw  the mean of raw token cosines
+    global     the raw token mean times one energy factor (`token_*_global`)
+with the exact token mean over the same nodes; and checks whether the
+leaderboard's 95% interval contains the exact value.
 Reference rows (rl_outcome, noise_ceiling) are left out: their b or their
 truth depends on the estimator itself.
 """
@@ -25,8 +30,9 @@ from dataclasses import dataclass
 
 from gadiag_core.scoring.alignment import REFERENCE_ROWS, aggregate, bootstrap_ci
 
-SPLITS = ("all", "correct", "incorrect", "question")
-METHODS = ("headline", "raw", "global")
+SPLITS = ("all", "correct", "incorrect")
+METHODS = ("token_raw", "global", "token", "raw", "headline")  # before → after
+ROLLOUT_METHODS = ("headline", "raw")  # compared with the exact mean of per-rollout cosines; the others with the exact token mean
 
 
 @dataclass
@@ -53,11 +59,29 @@ def _finite(value) -> bool:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def leaderboard_errors(tokens: list[dict], rollouts: list[dict], exact_tokens: list[dict], exact_rollouts: list[dict]) -> list[RowError]:
-    """Every teacher × objective row and split of one run against the exact run.
+def _by_split(pairs: list[tuple[dict, dict]], field: str):
+    """(exact values, estimated values by question) per row and split, from
+    (record, exact cosines) pairs; `field` holds the record's cosines per row."""
+    exact = defaultdict(lambda: defaultdict(list))
+    groups = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for record, truth in pairs:
+        split = "correct" if record["correct"] else "incorrect"
+        for row, value in record[field].items():
+            for s in ("all", split):
+                exact[row][s].append(truth[row])
+                groups[row][s][record["question"]].append(value)
+    return exact, groups
 
-    Nodes (and rollouts) are matched by (question, rollout, node); a (node, row)
-    pair counts where both cosines are finite (an exact a* = 0 has no direction).
+
+def leaderboard_errors(tokens: list[dict], rollouts: list[dict], exact_tokens: list[dict], exact_rollouts: list[dict]) -> list[RowError]:
+    """Every teacher × objective row and split of one run against the exact run:
+    per (row, split) one RowError for the per-rollout means (methods headline,
+    raw; when rollout records are given) and one for the token means (token,
+    token_raw, global).
+
+    Nodes are matched by (question, rollout, node) and rollouts by (question,
+    rollout); a (node, row) or (rollout, row) pair counts where both cosines
+    are finite (an exact a* = 0 has no direction).
     """
     exact_by_key = {_key(r): r for r in exact_tokens}
     matched = []
@@ -68,58 +92,44 @@ def leaderboard_errors(tokens: list[dict], rollouts: list[dict], exact_tokens: l
         keep = {row: v for row, v in record["cos"].items() if row not in REFERENCE_ROWS and _finite(v) and _finite(other["cos"].get(row))}
         if keep:
             matched.append((dict(record, cos=keep), other))
-    summary = aggregate([r for r, _ in matched], rollouts)
-    exact_sums = defaultdict(lambda: defaultdict(list))
-    raw_groups = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for record, other in matched:
-        split = "correct" if record["correct"] else "incorrect"
-        for row, value in record["cos"].items():
-            for s in ("all", split):
-                exact_sums[row][s].append(other["cos"][row])
-                raw_groups[row][s][record["question"]].append(value)
+    exact_q = {(r["question"], r["rollout"]): r.get("question_cos", {}) for r in exact_rollouts}
+    matched_rollouts = []
+    for record in rollouts:
+        truth = exact_q.get((record["question"], record["rollout"]))
+        if truth is None:
+            continue
+        keep = {row: v for row, v in record.get("question_cos", {}).items() if row not in REFERENCE_ROWS and _finite(v) and _finite(truth.get(row))}
+        if keep:
+            matched_rollouts.append((dict(record, question_cos=keep), truth))
+    summary = aggregate([r for r, _ in matched], [r for r, _ in matched_rollouts])
+    exact_tok, raw_tok = _by_split([(r, other["cos"]) for r, other in matched], "cos")
+    exact_rol, raw_rol = _by_split(matched_rollouts, "question_cos")
     out = []
-    for row in sorted(exact_sums):
+    for row in sorted(set(exact_tok) | set(exact_rol)):
         entry = summary.get(row)
         if entry is None:
             continue
-        for s in ("all", "correct", "incorrect"):
-            truth = exact_sums[row][s]
-            if not truth:
-                continue
-            out.append(
-                RowError(
-                    row, s, sum(truth) / len(truth),
-                    {"headline": entry[f"mean_{s}"], "raw": entry[f"mean_{s}_raw"], "global": entry[f"mean_{s}_corrected"]},
-                    {"headline": tuple(entry[f"ci_{s}"]), "raw": bootstrap_ci(raw_groups[row][s])},
-                    len(truth),
+        for s in SPLITS:
+            truth = exact_rol[row][s]
+            if truth:
+                out.append(
+                    RowError(
+                        row, s, sum(truth) / len(truth),
+                        {"headline": entry[f"mean_{s}"], "raw": entry[f"mean_{s}_raw"]},
+                        {"headline": tuple(entry[f"ci_{s}"]), "raw": bootstrap_ci(raw_rol[row][s])},
+                        len(truth),
+                    )
                 )
-            )
-    # Per-question score: mean over rollouts of the rollout's pooled cosine.
-    exact_q = {(r["question"], r["rollout"]): r.get("question_cos", {}) for r in exact_rollouts}
-    per_row = defaultdict(lambda: {"exact": [], "headline": defaultdict(list), "raw": defaultdict(list)})
-    for record in rollouts:
-        truth = exact_q.get((record["question"], record["rollout"]), {})
-        corrected = record.get("question_cos_corrected", {})
-        for row, value in record.get("question_cos", {}).items():
-            if row in REFERENCE_ROWS or not _finite(value) or not _finite(truth.get(row)):
-                continue
-            head = corrected.get(row, value)
-            if not _finite(head):
-                continue
-            per_row[row]["exact"].append(truth[row])
-            per_row[row]["headline"][record["question"]].append(head)
-            per_row[row]["raw"][record["question"]].append(value)
-    for row, d in sorted(per_row.items()):
-        head = [v for vs in d["headline"].values() for v in vs]
-        raw = [v for vs in d["raw"].values() for v in vs]
-        out.append(
-            RowError(
-                row, "question", sum(d["exact"]) / len(d["exact"]),
-                {"headline": max(-1.0, min(1.0, sum(head) / len(head))), "raw": sum(raw) / len(raw)},
-                {"headline": bootstrap_ci(d["headline"]), "raw": bootstrap_ci(d["raw"])},
-                len(head),
-            )
-        )
+            truth = exact_tok[row][s]
+            if truth:
+                out.append(
+                    RowError(
+                        row, s, sum(truth) / len(truth),
+                        {"token": entry[f"token_{s}"], "token_raw": entry[f"token_{s}_raw"], "global": entry[f"token_{s}_global"]},
+                        {"token": tuple(entry[f"ci_token_{s}"]), "token_raw": bootstrap_ci(raw_tok[row][s])},
+                        len(truth),
+                    )
+                )
     return out
 
 
@@ -180,11 +190,13 @@ class Agreement:
 
 
 def budget_agreement(default: list[RowError], larger: list[RowError], method: str = "headline") -> Agreement:
-    """Match entries by (run, row, split): `default` and `larger` are lists of
-    (run id, RowError) pairs."""
-    index = {(run, e.row, e.split): e for run, e in default}
+    """Match entries by (run, row, split) among those that have `method`:
+    `default` and `larger` are lists of (run id, RowError) pairs."""
+    index = {(run, e.row, e.split): e for run, e in default if method in e.values}
     overlaps, shifts = [], []
     for run, e in larger:
+        if method not in e.values:
+            continue
         base = index.get((run, e.row, e.split))
         if base is None or not (_finite(base.values.get(method)) and _finite(e.values.get(method))):
             continue
@@ -264,15 +276,16 @@ def node_noise(tokens: list[dict], exact_tokens: list[dict]) -> dict[str, NodeNo
 
 
 def error_parts(tokens: list[dict], exact_tokens: list[dict]) -> dict[tuple, tuple[float, float, int]]:
-    """The headline's per-token error split into its two causes, averaged over
+    """The token mean's per-token error split into its two causes, averaged over
     (node, row) pairs per (split, objective):
 
-        headline − exact = (cos_C − exact) + (headline − cos_C)
+        token − exact = (cos_C − exact) + (token − cos_C)
                            truncation        noise (what SIMEX leaves)
 
     cos_C = noise.candidate_cosine of the exact Q on the estimator's candidates
     (value-neutral rule), exact = the exact run's full-vocabulary cosine,
-    headline = the SIMEX value (alignment.corrected_token_cosines).
+    token = the SIMEX value (alignment.corrected_token_cosines), what the
+    token mean (`token_*`) averages.
     Returns {(split, objective): (truncation, noise, pairs)}.
     """
     from gadiag_core.scoring.alignment import corrected_token_cosines

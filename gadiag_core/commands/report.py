@@ -79,7 +79,7 @@ def combined_table(runs: list[Run]) -> Table:
 
     caption = "\n".join(describe(label, run) for label, run in zip(labels, runs))
     table = Table(
-        title="gradient alignment · mean per-token cosine with the ideal gradient, per run",
+        title="gradient alignment · mean per-rollout cosine with the ideal gradient (noise-corrected), per run",
         caption=caption,
         title_justify="left",
         caption_justify="left",

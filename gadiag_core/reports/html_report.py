@@ -225,13 +225,13 @@ def _leaderboard_html(run: Run) -> str:
             [
                 ("teacher", "teacher (context shown to the teacher), or a reference row"),
                 ("objective", "distillation objective"),
-                ("align", "mean per-token cosine with the ideal gradient, all rollouts"),
+                ("align", "mean over rollouts of the rollout's cosine (its vectors stacked over its tokens), Monte-Carlo noise of the ideal estimate removed"),
                 ("95% CI", "bootstrap interval of align, resampling questions"),
-                ("corrected", "align with the Monte-Carlo noise of the ideal estimate removed (logits space)"),
-                ("incorrect", "mean per-token cosine on incorrect rollouts"),
-                ("correct", "mean per-token cosine on correct rollouts"),
-                ("per-question", "mean of the per-rollout cosines"),
-                ("corrected", "per-question cosine with the noise energy removed (logits space)"),
+                ("raw", "align without the noise correction"),
+                ("incorrect", "align over incorrect rollouts"),
+                ("correct", "align over correct rollouts"),
+                ("token", "mean per-token cosine, noise removed by SIMEX (logits space)"),
+                ("token raw", "mean per-token cosine, uncorrected"),
                 ("helps", "share of scored tokens with cosine > 0"),
                 ("hurts", "share of scored tokens with cosine < 0"),
                 ("nodes", "scored tokens with a defined cosine"),
@@ -251,7 +251,7 @@ def _leaderboard_html(run: Run) -> str:
             f"<td style=\"background:{colour(row.get(key))}\">{num(row.get(key))}</td>"
             if key
             else f"<td class=\"dim\">{_interval(row.get('ci_all'))}</td>"
-            for key in ("mean_all", None, "mean_all_corrected", "mean_incorrect", "mean_correct", "mean_question", "mean_question_corrected")
+            for key in ("mean_all", None, "mean_all_raw", "mean_incorrect", "mean_correct", "token_all", "token_all_raw")
         )
         return (
             f"<tr><td class=\"l\">{_esc(teacher)}</td><td class=\"l\">{_esc(objective)}</td>{cells}"

@@ -58,8 +58,9 @@ def leaderboard_table(summary: dict) -> Table:
             f"{_pct(speed['share_outside_sampler'])} of {num(speed['wall_seconds'], '{:.0f}')} s outside the sampler"
         )
     caption += (
-        "\nalign, incorrect, correct: token means with the Monte-Carlo noise of â* removed (SIMEX); per-question: "
-        "rollout cosines with the noise energy removed; raw: the uncorrected means; 95% CI: bootstrap over questions"
+        "\nalign, incorrect, correct: means over all / incorrect / correct rollouts of each rollout's cosine (its vectors "
+        "stacked over its tokens) with the Monte-Carlo noise energy of â* removed; token: the mean per-token cosine (SIMEX); "
+        "raw: the uncorrected means; 95% CI: bootstrap over questions"
     )
     external = external_teachers_line(summary)
     if external:
@@ -73,9 +74,9 @@ def leaderboard_table(summary: dict) -> Table:
         ("raw", "right"),
         ("incorrect", "right"),
         ("correct", "right"),
-        ("per-question", "right"),
+        ("token", "right"),
         ("95% CI ", "right"),
-        ("raw ", "right"),
+        ("token raw", "right"),
         ("helps", "right"),
         ("hurts", "right"),
         ("nodes", "right"),
@@ -100,9 +101,9 @@ def leaderboard_table(summary: dict) -> Table:
             num(row.get("mean_all_raw")),
             num(row.get("mean_incorrect")),
             num(row.get("mean_correct")),
-            num(row.get("mean_question")),
-            _interval(row.get("ci_question")),
-            num(row.get("mean_question_raw")),
+            num(row.get("token_all")),
+            _interval(row.get("ci_token_all")),
+            num(row.get("token_all_raw")),
             _pct(row.get("helps")),
             _pct(row.get("hurts")),
             str(row.get("nodes", 0)),

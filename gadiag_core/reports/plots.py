@@ -6,8 +6,8 @@ so importing this never changes anyone's matplotlib backend).
                                 panel per objective, a line per teacher; the
                                 reference rows dashed in every panel
     alignment_distribution.png  box plots of per-token cosines, a box per row
-    correct_vs_incorrect.png    mean per-token cosine on correct vs incorrect
-                                rollouts, a pair of bars per row
+    correct_vs_incorrect.png    the leaderboard's correct / incorrect means
+                                (per-rollout cosines), a pair of bars per row
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def plot_correct_vs_incorrect(run: Run, path: Path) -> Path:
             handles.append(Patch(color=colour, alpha=0.7, label=f"{split} rollouts ({n})"))
         ax.set_yticks(range(len(rows)), list(reversed(rows)), fontsize=8)
         ax.axvline(0, color="black", linewidth=0.6)
-        ax.set_xlabel("mean per-token cosine")
+        ax.set_xlabel("mean per-rollout cosine (noise-corrected)")
         ax.legend(handles=handles, fontsize=8, loc="best")
     else:
         _empty(ax)

@@ -256,7 +256,7 @@ def study_markdown(matrix: dict, title: str) -> str:
         lines.append(f"| {name} | " + " | ".join(matrix_cells(matrix, name, lambda t: f"**{t}**", "\\*")) + f" | {_coverage(matrix, name)} |")
     for label_text, values in fact_rows(matrix):
         lines.append(f"| *{label_text}* | " + " | ".join(values) + " | |")
-    lines += ["", "rank · mean per-token alignment; bold: the best row of the cell; \\*: within its 95% interval.", ""]
+    lines += ["", "rank · mean alignment (per-rollout cosines, noise-corrected); bold: the best row of the cell; \\*: within its 95% interval.", ""]
     lines += tau_lines(matrix)
     lines += ["", universal_sentence(matrix), ""]
     return "\n".join(lines)
@@ -317,7 +317,7 @@ def study_html(matrix: dict, title: str, links: dict[str, str] | None = None) ->
     )
     return (
         f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title><style>{css}</style></head><body>"
-        f"<h1>{esc(title)}</h1><p class=\"dim\">Rank · mean per-token alignment of every teacher × objective in each cell "
+        f"<h1>{esc(title)}</h1><p class=\"dim\">Rank · mean alignment (per-rollout cosines, noise-corrected) of every teacher × objective in each cell "
         f"(student × task). Bold: the best row; green: within the best row's 95% interval.</p>"
         f"<table><thead><tr><th class=\"l\">teacher/objective</th>{head}<th>within best</th></tr></thead>"
         f"<tbody>{''.join(body_rows)}{''.join(facts)}</tbody></table><ul>{taus}</ul>"

@@ -72,9 +72,21 @@ the mean of cosines weighs every node alike). Per node, the second-order
 (delta-method) correction removes ~20% and SIMEX (simex_cosine, quadratic
 extrapolant) ~45% of it (mean |Δ| of the token mean 0.048 -> 0.032; degree 1:
 0.041, degree 3: same mean |Δ| but over-corrects incorrect rollouts): SIMEX
-is the headline. Neither can recover nodes where the noise energy exceeds
+was the headline. Neither can recover nodes where the noise energy exceeds
 ‖a*‖² (no extrapolation from more noise can), which is what remains at the
 default budget; at 2× the continuations the SIMEX mean is within 0.02.
+The headline is now a mean of per-rollout pooled cosines with the binomial
+energy summed over the rollout's nodes (gadiag_core.scoring.alignment): mean
+|Δ| 0.013 / 0.016 / 0.025 (all / incorrect / correct) where the SIMEX token
+mean has 0.032 / 0.026 / 0.048. Tried at the rollout level as well (same
+benchmark, correct rollouts, mean |Δ| / bias): Laplace variances in N̂
+0.025 / +0.009, split-half energy 0.022 / +0.010, capping the correction
+factor 0.025 / +0.011…+0.015, SIMEX of the raw or of the corrected pooled
+cosine 0.024 / +0.019 and 0.026 / +0.018, the delta-method correction of
+N/√D with plug-in moments worse (it over-corrects where D̂ is small); none
+is clearly better than the plain binomial energy (0.025 / +0.014), and with
+the exact ‖a*_C‖² in the denominator the numerator's noise alone leaves
+0.023.
 
 Everything is a pure function on tensors with leading batch dimensions
 [..., C]; results are float64.
