@@ -17,7 +17,9 @@ rollouts"): the same job, the same seeds, the two samplers —
 
 and for the spread between seeds of one sampler, the baseline to read the
 first against: --a runs/prefix-s0 runs/prefix-s1 runs/prefix-s0 --b
-runs/prefix-s1 runs/prefix-s2 runs/prefix-s2. `-v` prints every row.
+runs/prefix-s1 runs/prefix-s2 runs/prefix-s2. `-v` prints every row;
+`--resummarize` recomputes the rows from the records (runs written before a
+change of the aggregates).
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def rows_of(run_dir: str) -> dict:
+def rows_of(run_dir: str, resummarize: bool = False) -> dict:
+    """The run's leaderboard rows: as its summary.json has them, or recomputed
+    from its records with this version's aggregates (`resummarize`)."""
+    if resummarize:
+        from gadiag_core.store.records import load_run, record_summary
+
+        run = load_run(Path(run_dir))
+        return record_summary(run.rollouts, run.questions, run.tokens)["rows"]
     return json.loads((Path(run_dir) / "summary.json").read_text())["rows"]
 
 
@@ -93,11 +102,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--a", nargs="+", required=True, help="run directories of side a")
     p.add_argument("--b", nargs="+", required=True, help="run directories of side b, paired with --a by position")
+    p.add_argument("--resummarize", action="store_true", help="recompute each run's rows from its records with this version's aggregates (runs written before a change of the headline)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every row and split of every pair")
     args = p.parse_args(argv)
     if len(args.a) != len(args.b):
         p.error(f"--a has {len(args.a)} run directories and --b {len(args.b)}: they are paired by position")
-    side_a, side_b = [rows_of(d) for d in args.a], [rows_of(d) for d in args.b]
+    side_a, side_b = ([rows_of(d, args.resummarize) for d in side] for side in (args.a, args.b))
     everything = []
     for i, (ra, rb) in enumerate(zip(side_a, side_b)):
         results = compare(ra, rb)
