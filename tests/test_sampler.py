@@ -74,6 +74,24 @@ def generate_greedy(lm, request: ContinuationRequest) -> list[int]:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def tiny_config(tokenizer, **overrides) -> dict:
+    """Config arguments of a tiny random model over the tiny tokenizer."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        bos_token_id=None,
+        **overrides,
+    )
+
+
 @pytest.fixture(scope="module")
 def wide_lm(tmp_path_factory):
     """Untied head, padded vocabulary (logits wider than the tokenizer), 3 layers."""
@@ -108,22 +126,7 @@ def test_greedy_matches_generate_other_families(tiny_lm, family):
     config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
     model_class = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[family]
     tokenizer = tiny_lm.tokenizer
-    config = config_class(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-        eos_token_id=EOS,
-        pad_token_id=0,
-        bos_token_id=None,
-        hidden_act="gelu" if family == "qwen2" else "silu",
-    )
+    config = config_class(**tiny_config(tokenizer, num_hidden_layers=2, tie_word_embeddings=True, hidden_act="gelu" if family == "qwen2" else "silu"))
     torch.manual_seed(0)
     model = model_class(config).eval()
     if family == "qwen2":  # make the biases matter
@@ -371,3 +374,100 @@ def test_registered_with_options():
     assert isinstance(sampler, PrefixSampler) and sampler.batch_size == 64 and sampler.stop_strings == ["\n\n"]
     with pytest.raises(ValueError):
         PrefixSampler(batch_size=0)
+
+
+# ----------------------------------------------------------------------------
+# The batched sampler's shared prefixes
+
+
+def tiny_gemma3(tokenizer, sliding_window: int):
+    """A tiny random Gemma 3 text model: sliding and full attention layers."""
+    import transformers
+
+    from gadiag_plugins.students.hf import HFCausalLM
+
+    config = transformers.Gemma3TextConfig(
+        **tiny_config(
+            tokenizer,
+            num_hidden_layers=3,
+            sliding_window=sliding_window,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            query_pre_attn_scalar=8,
+        )
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = 0
+    return HFCausalLM(model, tokenizer, name=f"gemma3-w{sliding_window}")
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3-window8", "gemma3-window256"])
+def sharing_lm(request, tiny_lm):
+    if request.param == "llama":
+        return tiny_lm
+    return tiny_gemma3(tiny_lm.tokenizer, int(request.param.split("window")[1]))
+
+
+def shared_workload(lm) -> list[ContinuationRequest]:
+    """Three questions after one instruction, nodes 0, 3 and 9 of a rollout,
+    free and forced first tokens, two samples each, three limits; plus one
+    unrelated short prompt (encoded whole)."""
+    generated = lm.tokenizer.encode("Add: 12+7=19, so 19.", add_special_tokens=False)
+    instruction = "Answer briefly, and show each step of the working: "
+    requests = []
+    for q, text in enumerate(["What is 12+7?", "Name a prime.", "How many legs do 3 cats have?"]):
+        ids = prompt(lm, instruction + text)
+        for t in (0, 3, 9):
+            for forced in (None, 20):
+                for m in range(2):
+                    seed = 1000 * q + 100 * t + (forced or 0) + m
+                    requests.append(ContinuationRequest(tuple(ids + generated[:t]), (4, 9, 14)[(q + m) % 3], forced, seed=seed))
+    requests.append(ContinuationRequest(tuple(prompt(lm, "Hi")), 7, None, seed=77))
+    return requests
+
+
+def first_logits(sampler, lm, requests) -> torch.Tensor:
+    """The logits every request's first token is drawn from, in request order."""
+    parts = sampler._encode(lm, requests)
+    logits = torch.empty(len(requests), parts[0][3].shape[-1])
+    for rows, _cache, _mask, part in parts:
+        logits[rows] = part
+    return logits, parts
+
+
+def test_shared_prefix_logits_match_unshared(sharing_lm):
+    """Encoding each shared start once gives the first logits of encoding every
+    prefix whole (float rounding aside), sliding-window layers included."""
+    from gadiag_plugins.sampling import batched
+
+    requests = sorted(shared_workload(sharing_lm), key=lambda r: r.prefix_ids)
+    assert len(batched.share_groups([r.prefix_ids for r in requests])) == 4  # 3 questions + the rest
+    shared, unshared = BatchedSampler(), BatchedSampler(share_prefix=False)
+    got, parts = first_logits(shared, sharing_lm, requests)
+    expected, _ = first_logits(unshared, sharing_lm, requests)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert shared.prefix_tokens_encoded < unshared.prefix_tokens_encoded / 3
+    # Under the sliding window (or without one) the groups are decoded as one
+    # batch; past it they share only among equal lengths, decoded apart.
+    assert (len(parts) == 1) == (sharing_lm.name != "gemma3-w8")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_shared_prefix_samples_match_unshared(sharing_lm, temperature):
+    """Same seeds, same draws: the continuations equal the unshared path's
+    (finished rows dropped from the batch or not), in batches of any size,
+    and (greedy, on Llama) `generate`'s."""
+    requests = shared_workload(sharing_lm)
+    # The old path: every prefix whole, finished rows kept in the batch.
+    expected = BatchedSampler(share_prefix=False, drop_done=False).sample(sharing_lm, requests, temperature)
+    sampler = BatchedSampler()
+    assert sampler.sample(sharing_lm, requests, temperature) == expected
+    assert BatchedSampler(drop_done=False).sample(sharing_lm, requests, temperature) == expected
+    assert BatchedSampler(share_prefix=False).sample(sharing_lm, requests, temperature) == expected
+    assert BatchedSampler(batch_size=7).sample(sharing_lm, requests, temperature) == expected
+    assert sampler.tokens_generated == sum(map(len, expected))
+    if temperature == 0.0 and sharing_lm.name == "tiny":
+        assert expected == [generate_greedy(sharing_lm, r) for r in requests]
+    if temperature == 1.0:
+        assert len(set(map(tuple, expected))) > len(requests) // 2  # the rows did go their own ways

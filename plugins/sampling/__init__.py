@@ -1,7 +1,7 @@
 """Built-in rollout samplers: registration and options.
 
     prefix   shared-prefix KV caches, rows stop independently (prefix.py; the default)
-    batched  plain batched KV-cache sampling (batched.py)
+    batched  plain batched KV-cache sampling, shared starts encoded once (batched.py)
     vllm     a vLLM engine (vllm.py; needs vllm installed, see README "Past one machine")
 
     draw.py           inverse-CDF token drawing with per-request seeds (both)
@@ -24,6 +24,7 @@ from gadiag_core.options import as_dict, option
 @dataclass(frozen=True)
 class BatchedOptions:
     batch_size: int = option(32, "most rows sampled together", min=1, max=1_000_000)
+    share_prefix: bool = option(True, "encode a start that several prefixes share once (off: every prefix whole)")
 
 
 @dataclass(frozen=True)
