@@ -20,7 +20,6 @@ after another).
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -286,7 +285,6 @@ def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict
     # the candidates' π, Q̂ and counts this is all a noise correction of the
     # cosine needs (gadiag_core.scoring.alignment recomputes them from records).
     b_unit = {row: [] for row in rows}
-    b_norm = {row: vectors[row].double().norm(dim=-1).tolist() for row in rows}  # ‖b‖ per node (pooled cosines weigh nodes by it)
     for row in rows:
         b = vectors[row].double()
         dots = (vectors["ideal"].double() * b).sum(-1)
@@ -308,7 +306,7 @@ def noise_terms(nodes, probs_sel, vectors, pairs, tau: float, seed: int) -> dict
         )
         for j, row in enumerate(rows):
             intervals[row].append([float(low[j]), float(high[j])])
-    return {"a_sq": a_sq, "energy": energy, "question_corrected": question_corrected, "intervals": intervals, "b_unit": b_unit, "b_norm": b_norm, "temperature": tau}
+    return {"a_sq": a_sq, "energy": energy, "question_corrected": question_corrected, "intervals": intervals, "b_unit": b_unit, "temperature": tau}
 
 
 # ----------------------------------------------------------------------------
@@ -353,12 +351,8 @@ def token_records(
         if noise is not None:
             record["a_sq"] = float(noise["a_sq"][row])
             record["energy"] = float(noise["energy"][row])
-            split = getattr(estimate.nodes[row], "energy_split", None)
-            if split is not None and math.isfinite(split):
-                record["energy_split"] = float(split)
             record["cos_ci"] = {name: bounds[row] for name, bounds in noise["intervals"].items()}
             record["b_cand"] = {name: units[row] for name, units in noise["b_unit"].items()}
-            record["b_norm"] = {name: norms[row] for name, norms in noise["b_norm"].items()}
             record["temperature"] = noise["temperature"]
         record["teacher_top"] = {
             tname: [[decode([k]), p] for k, p in zip(ids[row], probs[row])] for tname, (ids, probs) in teacher_top.items()
