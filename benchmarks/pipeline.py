@@ -9,8 +9,9 @@ sampler, effective sampler tokens/s, sampler calls, mean batch size, share of
 the time outside the sampler; then the ratios (scheduler / sequential), whether the records
 (rollouts, tokens, questions) are byte-identical, how many rollouts'
 diagnoses differ, and the largest move of a headline mean against its
-interval (differently batched matmuls round differently, and a token whose
-uniform lies within ~1e-7 of a CDF boundary can flip).
+interval. Differently batched matmuls round differently, which could flip a
+token whose uniform lies within ~1e-5 of a CDF edge; such draws are redone
+batch-free (plugins/sampling/canonical.py), counted in the `redraws` column.
 
     python benchmarks/pipeline.py                       # the README's default job (harness.toml)
     python benchmarks/pipeline.py --questions 2 --threads 1   # a quick look
@@ -112,12 +113,12 @@ def main() -> int:
                 rows.append((pair, label, stats, wall, records, means))
                 print(f"  pair {pair} {label}: {wall:.1f} s", file=sys.stderr)
     print(f"load average after:  {load_average()}")
-    header = f"{'pair':>4}  {'way':<16} {'wall s':>8} {'tokens':>7} {'sampler s':>9} {'tok/s':>7} {'calls':>6} {'batch':>6} {'outside':>8}"
+    header = f"{'pair':>4}  {'way':<16} {'wall s':>8} {'tokens':>7} {'sampler s':>9} {'tok/s':>7} {'calls':>6} {'batch':>6} {'outside':>8} {'redraws':>7}"
     print(header)
     for pair, label, s, wall, _, _ in rows:
         print(
             f"{pair:>4}  {label:<16} {wall:8.1f} {s['sampled_tokens']:7d} {s['sampler_seconds']:9.1f} "
-            f"{s['tokens_per_second'] or 0:7.0f} {s['sampler_calls']:6d} {s['mean_batch_size'] or 0:6.1f} {100 * (s['share_outside_sampler'] or 0):7.0f}%"
+            f"{s['tokens_per_second'] or 0:7.0f} {s['sampler_calls']:6d} {s['mean_batch_size'] or 0:6.1f} {100 * (s['share_outside_sampler'] or 0):7.0f}% {s.get('redrawn_draws', 0):7d}"
         )
     for pair in range(1 + args.repeats):
         *uncached, seq, sched = [r for r in rows if r[0] == pair]

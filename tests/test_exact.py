@@ -189,8 +189,10 @@ def test_sampling_estimators_are_unbiased(env, registry, seeds):
 
 def test_alignment_scores_converge_with_budget(registry, objectives):
     """With the whole vocabulary as candidates (no truncation), median |Δcos|
-    falls as continuations grow, and is small at the largest budget."""
-    small = build_environment(problems=4, rollouts_per_problem=1, task=registry.create("task", "toy"), seed=3)
+    falls as continuations grow, and is small at the largest budget. Twelve
+    problems: with four, the 2 → 8 step was within the medians' own noise
+    (one seed in six of the sampler's streams reversed it)."""
+    small = build_environment(problems=12, rollouts_per_problem=1, task=registry.create("task", "toy"), seed=3)
     vectors = objective_vectors(small, {k: objectives[k] for k in ("reverse_kl", "forward_kl", "sampled_token")})
     width = small.student.vocab_size
     medians = []

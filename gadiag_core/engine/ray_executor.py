@@ -265,6 +265,7 @@ def add_stats(stats, part: dict) -> None:
     stats.tokens += part["tokens"]
     stats.seconds += part["seconds"]
     stats.batch_sizes.extend(part["batch_sizes"])
+    stats.redraws += part.get("redraws", 0)
 
 
 class DiagnosisWorker:
@@ -332,7 +333,7 @@ class DiagnosisWorker:
         results = {}
         diagnose_locally(c, self.rollouts, self.problems, self.config, [(start, stop)], sample,
                          lambda r, result: results.__setitem__(self.position[(r.problem.id, r.index)], result))
-        part = {"calls": stats.calls, "requests": stats.requests, "tokens": stats.tokens, "seconds": stats.seconds, "batch_sizes": stats.batch_sizes}
+        part = {"calls": stats.calls, "requests": stats.requests, "tokens": stats.tokens, "seconds": stats.seconds, "batch_sizes": stats.batch_sizes, "redraws": stats.redraws}
         return {"results": sorted(results.items()), "stats": part}
 
 

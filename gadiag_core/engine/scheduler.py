@@ -11,8 +11,9 @@ sends each generator its own outputs back.
 Every request carries a seed derived from its identity (run, question,
 rollout, node, token, sample index), never from the order of execution, so the
 records do not depend on how requests were batched or how many rollouts were
-in flight (up to float rounding of the batched matmuls, see
-plugins/sampling/draw.py); tests/test_scheduler.py pins it.
+in flight — not even through float rounding of the batched matmuls, since
+draws near a CDF edge are redone batch-free (plugins/sampling/canonical.py);
+tests/test_scheduler.py pins it.
 
 `SamplerStats` is the run's accounting: sampler calls, requests, sampled
 tokens, time inside the sampler.
@@ -34,12 +35,16 @@ class SamplerStats:
     tokens: int = 0  # generated positions, forced first tokens included
     seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
+    redraws: int = 0  # near-edge draws redone batch-free (samplers with a `redraw`)
 
     def sample(self, sampler, lm, requests: list, temperature: float) -> list[list[int]]:
         """sampler.sample with the call counted and timed."""
+        redraw = getattr(sampler, "redraw", None)
+        before = getattr(redraw, "count", 0)
         start = time.perf_counter()
         outputs = sampler.sample(lm, requests, temperature)
         self.seconds += time.perf_counter() - start
+        self.redraws += getattr(redraw, "count", 0) - before
         self.calls += 1
         self.requests += len(requests)
         self.tokens += sum(len(o) for o in outputs)
@@ -54,6 +59,7 @@ class SamplerStats:
             "sampler_seconds": round(self.seconds, 3),
             "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds > 0 else None,
             "mean_batch_size": round(self.requests / self.calls, 1) if self.calls else None,
+            "redrawn_draws": self.redraws,
             "wall_seconds": round(wall_seconds, 3),
             "share_outside_sampler": round(1 - self.seconds / wall_seconds, 3) if wall_seconds > 0 else None,
         }

@@ -4,7 +4,8 @@
     batched  plain batched KV-cache sampling, shared starts encoded once (batched.py)
     vllm     a vLLM engine (vllm.py; needs vllm installed, see README "Past one machine")
 
-    draw.py           inverse-CDF token drawing with per-request seeds (both)
+    draw.py           Gumbel-max token drawing with per-request noise streams (both)
+    canonical.py      close draws redone batch-free: tokens independent of batching
     llama_decoder.py  the hand-written Llama/Qwen decoder the prefix sampler drives
     threads.py        whether extra torch threads pay
 
@@ -25,6 +26,7 @@ from gadiag_core.options import as_dict, option
 class BatchedOptions:
     batch_size: int = option(32, "most rows sampled together", min=1, max=1_000_000)
     share_prefix: bool = option(True, "encode a start that several prefixes share once (off: every prefix whole)")
+    redraw_margin: float = option(1e-3, "draws whose two best Gumbel scores are this close are redone batch-free, so tokens never depend on batching (0: never)", min=0)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class PrefixOptions:
     max_cache_mb: float = option(2048, "memory cap for one batch's KV caches (splits batches)", min=1)
     prefill_tokens: int = option(4096, "most padded prefix tokens encoded in one forward pass", min=1)
     pack_weights: Optional[bool] = option(None, "prepack weights for oneDNN (none: for models up to 600M parameters)")
+    redraw_margin: float = option(1e-3, "draws whose two best Gumbel scores are this close are redone batch-free, so tokens never depend on batching (0: never)", min=0)
 
 
 @dataclass(frozen=True)

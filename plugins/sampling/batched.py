@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 
 from gadiag_core.interfaces import CausalLM, ContinuationRequest, RolloutSampler
-from gadiag_plugins.sampling.draw import _draw
+from gadiag_plugins.sampling.canonical import DEFAULT_MARGIN, CanonicalRedraw
+from gadiag_plugins.sampling.draw import draw, gumbel_noise
 from gadiag_plugins.students.hf import cache_keyword, keeps_logits, returned_cache
 
 # Fewest tokens worth a group of their own: a shared part shorter than this
@@ -104,10 +105,12 @@ class BatchedSampler(RolloutSampler):
     name = "batched"
     description = "batched KV-cache temperature sampling, per-request seeds"
 
-    def __init__(self, batch_size: int = 32, share_prefix: bool = True, drop_done: bool = True):
+    def __init__(self, batch_size: int = 32, share_prefix: bool = True, drop_done: bool = True, redraw_margin: float = DEFAULT_MARGIN):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.batch_size = batch_size
+        # Near-edge draws redone batch-free: tokens independent of batching (canonical.py).
+        self.redraw = CanonicalRedraw(redraw_margin)
         self.share_prefix = bool(share_prefix)
         # Finished rows leave the decoding batch (off: they stay, masked, as
         # before; for tests and benchmarks/batched_sharing.py).
@@ -262,8 +265,15 @@ class BatchedSampler(RolloutSampler):
                 cache, logits = returned_cache(out), out.logits[:, -1, :].float()
                 next_pos = next_pos + 1
             ids = rows.tolist()
-            uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in ids])
-            tokens = _draw(logits, temperature, uniforms)
+            noise = None
+            if temperature > 0:  # rows already done draw nothing: their streams stay put
+                live = (~done).tolist()
+                noise = torch.zeros((len(ids), logits.shape[-1]))
+                noise[torch.tensor(live, dtype=torch.bool)] = gumbel_noise([generators[i] for i, on in zip(ids, live) if on], logits.shape[-1])
+            tokens, margins = draw(logits, temperature, noise)
+            skip = done | torch.tensor([step == 0 and forced[i] is not None for i in ids], device=device)
+            tokens = self.redraw.settle(model, tokens, margins, temperature, noise,
+                                        lambda b: list(requests[ids[b]].prefix_ids) + outputs[ids[b]], skip=skip)
             if step == 0:
                 for b, i in enumerate(ids):
                     if forced[i] is not None:

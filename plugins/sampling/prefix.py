@@ -16,7 +16,8 @@ import torch
 
 from gadiag_core.interfaces import CausalLM, ContinuationRequest, RolloutSampler
 from gadiag_plugins.sampling.batched import BatchedSampler
-from gadiag_plugins.sampling.draw import _draw_fast
+from gadiag_plugins.sampling.canonical import DEFAULT_MARGIN, CanonicalRedraw
+from gadiag_plugins.sampling.draw import draw, gumbel_noise
 from gadiag_plugins.sampling.llama_decoder import _Arch
 from gadiag_plugins.sampling.threads import _auto_threads
 
@@ -105,9 +106,11 @@ class PrefixSampler(RolloutSampler):
        own at EOS, at max_new_tokens, or at a stop string; finished rows leave
        the batch at once (live rows move into their places) so late steps get
        cheaper.
-    4. Each request draws its uniforms from its own generator seeded with its
-       seed (the same stream as the `batched` sampler): a row's tokens depend
-       on its request alone, not on batching (up to float rounding).
+    4. Each request draws its Gumbel noise from its own generator seeded
+       with its seed (the same stream as the `batched` sampler), and a draw
+       whose two best scores lie within `redraw_margin` is redone on a
+       batch-free forward (canonical.py): a row's tokens depend on its
+       request alone, not on batching, not even through float rounding.
 
     Options:
       batch_size:    most rows decoded together
@@ -122,9 +125,12 @@ class PrefixSampler(RolloutSampler):
       prefill_tokens: most (padded) prefix tokens encoded in one forward pass
       pack_weights:  prepack the weights for oneDNN (CPU, float32); None: for
                      models up to 600M parameters (it doubles weight memory)
+      redraw_margin: draws whose two best Gumbel scores differ by less
+                     than this (in logits / temperature) are redone
+                     batch-free; 0: never
 
     Models other than Llama/Qwen2/Qwen3-style decoders fall back to the
-    `batched` sampler's code path (same seeds, same results up to rounding)."""
+    `batched` sampler's code path (same seeds, same results)."""
 
     name = "prefix"
     description = "prefix-sharing batched sampler: each shared prefix encoded once, rows stop independently"
@@ -137,6 +143,7 @@ class PrefixSampler(RolloutSampler):
         max_cache_mb: float = 2048,
         prefill_tokens: int = 4096,
         pack_weights: Optional[bool] = None,
+        redraw_margin: float = DEFAULT_MARGIN,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -150,6 +157,10 @@ class PrefixSampler(RolloutSampler):
         self.max_cache_mb = float(max_cache_mb)
         self.prefill_tokens = int(prefill_tokens)
         self.pack_weights = pack_weights
+        self.redraw = CanonicalRedraw(redraw_margin)
+        # Called before every draw with the live rows' request seeds and their
+        # logits [B, V] (benchmarks/draw_stability.py records them); None: off.
+        self.on_draw = None
         # Counts every generated position, forced ones included (budget accounting).
         self.tokens_generated = 0
         self.prefix_tokens_encoded = 0
@@ -184,6 +195,7 @@ class PrefixSampler(RolloutSampler):
             arch.prepare(lm.model, self.pack_weights)
         else:
             fallback = BatchedSampler(batch_size=self.batch_size)
+            fallback.redraw = self.redraw  # same margin, counts kept here
             outs = fallback.sample(lm, [requests[i] for i in live], temperature)
             self.tokens_generated += fallback.tokens_generated
             for i, out in zip(live, outs):
@@ -314,7 +326,7 @@ class PrefixSampler(RolloutSampler):
     def _decode(self, lm, arch: _Arch, chunk: list[tuple], requests, encoded: dict, temperature: float) -> list[list[int]]:
         """Decode one chunk of rows to the end: draw, record, drop finished rows
         (compacting the caches in place), step. One function on purpose: the
-        loop's state (rows, caches, positions, uniforms, layout) changes
+        loop's state (rows, caches, positions, layout) changes
         together at every step, and splitting it would pass all of it around."""
         device = arch.device
         B = len(chunk)
@@ -324,11 +336,8 @@ class PrefixSampler(RolloutSampler):
         reqs = [requests[i] for _, _, i in chunk]
         limits = [r.max_new_tokens for r in reqs]
         steps = max(limits)
-        # Uniforms for every step of every row, from the row's own generator.
-        uniforms = torch.zeros((B, steps), dtype=torch.float32)
-        for row, r in enumerate(reqs):
-            uniforms[row, : r.max_new_tokens] = torch.rand(r.max_new_tokens, generator=torch.Generator().manual_seed(r.seed))
-        uniforms = uniforms.to(device)
+        # Each row's Gumbel noise comes from its own generator, a step at a time.
+        generators = [torch.Generator().manual_seed(r.seed) for r in reqs]
         forced = torch.tensor([-1 if r.forced_first is None else int(r.forced_first) for r in reqs], device=device)
         outputs: list[list[int]] = [[] for _ in chunk]
 
@@ -343,12 +352,20 @@ class PrefixSampler(RolloutSampler):
         own_v = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
 
         logits = torch.stack([encoded[r][1][plen - 1] for r, plen, _ in chunk])
+        noise_buffer = torch.empty((B, logits.shape[-1])) if temperature > 0 else None
         rows = list(range(B))  # chunk row of each batch row
         alive = [True] * B
         positions = torch.tensor(plen_of_row, dtype=torch.long, device=device)
         step = 0
         while True:
-            tokens = self._choose(logits, temperature, uniforms[:, step])
+            if self.on_draw is not None:
+                self.on_draw([reqs[row].seed for row in rows], logits)
+            noise = None if noise_buffer is None else gumbel_noise([generators[row] for row in rows], logits.shape[-1], noise_buffer)
+            tokens, margins = self._choose(logits, temperature, noise)
+            # Close draws (two best scores within the margin): redone batch-free (canonical.py).
+            tokens = self.redraw.settle(lm.model, tokens, margins, temperature, noise,
+                                        lambda b: list(reqs[rows[b]].prefix_ids) + outputs[rows[b]],
+                                        skip=forced >= 0 if step == 0 else None)
             if step == 0:
                 tokens = torch.where(forced >= 0, forced, tokens)
             values = tokens.tolist()
@@ -375,13 +392,13 @@ class PrefixSampler(RolloutSampler):
                     for caches in (own_k, own_v):
                         for cache in caches:
                             cache[dst, :, : step - 1] = cache[src, :, : step - 1]
-                    for tensor in (tokens, positions, uniforms):
+                    for tensor in (tokens, positions):
                         tensor[dst] = tensor[src]
                     for h, m in zip(holes, movers):
                         rows[h] = rows[m]
                 rows = rows[:n_alive]
                 alive = [True] * n_alive
-                tokens, positions, uniforms = tokens[:n_alive], positions[:n_alive], uniforms[:n_alive]
+                tokens, positions = tokens[:n_alive], positions[:n_alive]
                 for caches in (own_k, own_v):
                     for l in range(len(caches)):
                         caches[l] = caches[l][:n_alive]
@@ -491,9 +508,10 @@ class PrefixSampler(RolloutSampler):
 
     # -- sampling and stopping -----------------------------------------------
 
-    def _choose(self, logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
-        """Next token of every row (inverse CDF of softmax(logits/temperature))."""
-        return _draw_fast(logits, temperature, uniforms)
+    def _choose(self, logits: torch.Tensor, temperature: float, noise):
+        """Next token of every row [B] (Gumbel-max: argmax logits/temperature
+        + noise) and its margin over the second best score [B]."""
+        return draw(logits, temperature, noise)
 
     def _hit_stop(self, lm, out: list[int]) -> bool:
         if not self.stop_strings:
