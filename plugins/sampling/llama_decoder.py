@@ -26,6 +26,13 @@ PACK_MAX_PARAMETERS = 600_000_000
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def prepared_pack(model) -> Optional[bool]:
+    """Whether `model`'s prepared weights are packed (None: not prepared yet),
+    so that another user of the decoder keeps the sampler's choice."""
+    cached = _PREPARED.get(model)
+    return None if cached is None else cached[1]
+
+
 def _packing_available() -> bool:
     """Whether oneDNN's prepacked fp32 linear works here (x86 CPU builds)."""
     global _PACKING
