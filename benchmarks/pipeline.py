@@ -1,17 +1,18 @@
 """Pipeline throughput: the default job with rollouts diagnosed one after
 another (`run.in_flight = 1`, the sequential driver) and with the scheduler
 (`run.in_flight = K`: many rollouts in flight, their continuation requests
-batched into shared sampler calls), in this one process, on the same
+joining one running decoding batch), in this one process, on the same
 configuration and seed.
 
-Printed per way: wall time of the diagnosis, sampled tokens, time inside the
-sampler, effective sampler tokens/s, sampler calls, mean batch size, share of
-the time outside the sampler; then the ratios (scheduler / sequential), whether the records
-(rollouts, tokens, questions) are byte-identical, how many rollouts'
-diagnoses differ, and the largest move of a headline mean against its
-interval. Differently batched matmuls round differently, which could flip a
-token whose uniform lies within ~1e-5 of a CDF edge; such draws are redone
-batch-free (plugins/sampling/canonical.py), counted in the `redraws` column.
+Printed per way: wall time of the run, sampled tokens, time inside the
+sampler, effective sampler tokens/s, sampler calls (session runs) and
+requests per call, share of the time outside the sampler, redrawn draws, and
+the rows per decoding step (the batch the sampler actually decodes); then the
+ratios (sequential / scheduler), whether the records (rollouts, tokens,
+questions) are byte-identical, how many rollouts' diagnoses differ, and the
+largest move of a headline mean against its interval. Differently batched
+matmuls round differently, which could flip a draw whose two best scores are
+within ~1e-4; such draws are redone batch-free (plugins/sampling/canonical.py).
 
     python benchmarks/pipeline.py                       # the README's default job (harness.toml)
     python benchmarks/pipeline.py --questions 2 --threads 1   # a quick look
@@ -113,12 +114,12 @@ def main() -> int:
                 rows.append((pair, label, stats, wall, records, means))
                 print(f"  pair {pair} {label}: {wall:.1f} s", file=sys.stderr)
     print(f"load average after:  {load_average()}")
-    header = f"{'pair':>4}  {'way':<16} {'wall s':>8} {'tokens':>7} {'sampler s':>9} {'tok/s':>7} {'calls':>6} {'batch':>6} {'outside':>8} {'redraws':>7}"
+    header = f"{'pair':>4}  {'way':<16} {'wall s':>8} {'tokens':>7} {'sampler s':>9} {'tok/s':>7} {'calls':>6} {'batch':>6} {'outside':>8} {'redraws':>7} {'rows/step':>9}"
     print(header)
     for pair, label, s, wall, _, _ in rows:
         print(
             f"{pair:>4}  {label:<16} {wall:8.1f} {s['sampled_tokens']:7d} {s['sampler_seconds']:9.1f} "
-            f"{s['tokens_per_second'] or 0:7.0f} {s['sampler_calls']:6d} {s['mean_batch_size'] or 0:6.1f} {100 * (s['share_outside_sampler'] or 0):7.0f}% {s.get('redrawn_draws', 0):7d}"
+            f"{s['tokens_per_second'] or 0:7.0f} {s['sampler_calls']:6d} {s['mean_batch_size'] or 0:6.1f} {100 * (s['share_outside_sampler'] or 0):7.0f}% {s.get('redrawn_draws', 0):7d} {s.get('mean_rows_per_step') or 0:9.1f}"
         )
     for pair in range(1 + args.repeats):
         *uncached, seq, sched = [r for r in rows if r[0] == pair]

@@ -369,6 +369,61 @@ class RolloutSampler(ABC):
         with the forced token when given, ending with an EOS id if one was drawn
         (then nothing follows it) or at max_new_tokens."""
 
+    def open(self, lm: CausalLM, temperature: float) -> "SamplerSession":
+        """A session that takes requests at any time and hands back each
+        continuation as it finishes (the scheduler keeps rollouts flowing
+        through it). This default gathers what was added and answers it with
+        one `sample` call per `run`; a sampler that decodes continuously (the
+        `prefix` sampler) lets requests join a running batch instead."""
+        return CallSession(self, lm, temperature)
+
+
+class SamplerSession:
+    """Continuations as a stream: `add` requests, `run` until some finish.
+
+    add(requests) -> tickets: one int per request, in order.
+    run() -> [(ticket, continuation)]: decodes until at least one request
+    added so far has finished and returns the finished ones (any order; []
+    only when nothing is left). `pending` counts requests not yet returned.
+    A continuation is what `RolloutSampler.sample` returns for its request."""
+
+    def add(self, requests: list[ContinuationRequest]) -> list[int]:
+        raise NotImplementedError
+
+    def run(self) -> list[tuple[int, list[int]]]:
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        raise NotImplementedError
+
+
+class CallSession(SamplerSession):
+    """The default session: everything added since the last `run`, in one
+    `sample` call."""
+
+    def __init__(self, sampler: RolloutSampler, lm: CausalLM, temperature: float):
+        self.sampler, self.lm, self.temperature = sampler, lm, temperature
+        self.queue: list[tuple[int, ContinuationRequest]] = []
+        self.tickets = 0
+
+    def add(self, requests: list[ContinuationRequest]) -> list[int]:
+        start = self.tickets
+        self.tickets += len(requests)
+        self.queue += list(zip(range(start, self.tickets), requests))
+        return list(range(start, self.tickets))
+
+    def run(self) -> list[tuple[int, list[int]]]:
+        queue, self.queue = self.queue, []
+        if not queue:
+            return []
+        outputs = self.sampler.sample(self.lm, [r for _, r in queue], self.temperature)
+        return [(ticket, out) for (ticket, _), out in zip(queue, outputs)]
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
 
 # ----------------------------------------------------------------------------
 # Ideal-gradient estimation

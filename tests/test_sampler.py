@@ -526,3 +526,57 @@ def test_gumbel_max_draws_follow_softmax():
         torch.testing.assert_close(margins, (top[:, 0] - top[:, 1]).double())
     ids, margins = draw(logits.expand(3, 5), 0.0, None)
     assert ids.tolist() == [0, 0, 0] and bool(torch.isinf(margins).all())
+
+
+# -- the stream: requests join a running batch (prefix_stream.py) --------------
+
+
+def test_stream_returns_what_sample_returns_whatever_joins_when(tiny_lm, monkeypatch):
+    """Requests added to a running stream in bursts (twelve prompts at once,
+    then three requests at a time) with a batch of 16 (rows wait, join mid-way
+    at their own step, leave; the prefix stack fills, frees and compacts) come
+    back exactly as one `sample` call with room for all returns them."""
+    from gadiag_plugins.sampling.prefix_stream import PrefixStream
+
+    distinct = [ContinuationRequest(tuple(prompt(tiny_lm, f"What is {i} plus {i}?")), 4 + i % 5, None, seed=i) for i in range(12)]
+    requests = distinct + mixed_requests(tiny_lm, max_new=12)
+    expected = PrefixSampler(batch_size=64).sample(tiny_lm, requests, 1.0)
+    seen = {"mixed steps": 0, "compactions": 0}
+    step, compact = PrefixSampler._step, PrefixStream._compact_roots
+
+    def spy_step(self, arch, tokens, positions, s, *rest):
+        if not isinstance(s, int) and int(s.min()) != int(s.max()):
+            seen["mixed steps"] += 1
+        return step(self, arch, tokens, positions, s, *rest)
+
+    def spy_compact(self):
+        seen["compactions"] += 1
+        return compact(self)
+
+    monkeypatch.setattr(PrefixSampler, "_step", spy_step)
+    monkeypatch.setattr(PrefixStream, "_compact_roots", spy_compact)
+    sampler = PrefixSampler(batch_size=16)
+    session = sampler.open(tiny_lm, 1.0)
+    bursts = [distinct] + [requests[i : i + 3] for i in range(len(distinct), len(requests), 3)]
+    order, got = [], {}
+    while bursts or session.pending:
+        if bursts:
+            order += session.add(bursts.pop(0))
+        got.update(session.run())
+    assert [got[t] for t in order] == expected
+    assert seen["mixed steps"] > 0 and seen["compactions"] > 0
+    assert sampler.decoded_rows > sampler.decode_steps > 0
+
+
+def test_stream_greedy_is_generate(tiny_lm):
+    """At temperature 0 a stream's continuations are Hugging Face `generate`'s,
+    rows joining one by one."""
+    requests = mixed_requests(tiny_lm, max_new=8)[::5]
+    session = PrefixSampler(batch_size=4).open(tiny_lm, 0.0)
+    order, got = [], {}
+    for request in requests:
+        order += session.add([request])
+        got.update(session.run())
+    while session.pending:
+        got.update(session.run())
+    assert [got[t] for t in order] == [generate_greedy(tiny_lm, r) for r in requests]

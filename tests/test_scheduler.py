@@ -7,6 +7,7 @@ import pytest
 
 from gadiag_core.commands.main import main
 from gadiag_core.engine.scheduler import SamplerStats, run_interleaved
+from gadiag_core.interfaces import CallSession
 
 
 def echo_generator(key, rounds):
@@ -18,17 +19,24 @@ def echo_generator(key, rounds):
     return got
 
 
-@pytest.mark.parametrize("in_flight", [1, 2, 5])
-def test_each_generator_gets_its_own_outputs(in_flight):
-    calls = []
+class _Echo:
+    """A stand-in sampler: each request's output names it."""
 
-    def sample(requests):
-        calls.append(len(requests))
+    def __init__(self):
+        self.calls = []
+
+    def sample(self, lm, requests, temperature):
+        self.calls.append(len(requests))
         return [f"out{request}" for request in requests]
 
+
+@pytest.mark.parametrize("in_flight", [1, 2, 5])
+def test_each_generator_gets_its_own_outputs(in_flight):
+    sampler = _Echo()
     done = {}
     starts = [(k, (lambda k=k: echo_generator(k, 1 + k % 3))) for k in range(5)]
-    run_interleaved(starts, sample, in_flight, lambda key, value: done.__setitem__(key, value))
+    run_interleaved(starts, CallSession(sampler, None, 1.0), in_flight, lambda key, value: done.__setitem__(key, value))
+    calls = sampler.calls
     assert sorted(done) == list(range(5))
     for k, got in done.items():
         assert got == [[f"out{(k, r, i)}" for i in range(r + 1)] for r in range(1 + k % 3)]
@@ -39,14 +47,42 @@ def test_each_generator_gets_its_own_outputs(in_flight):
         assert len(calls) < sum(1 + k % 3 for k in range(5))
 
 
+class _OneAtATime(CallSession):
+    """A session whose runs return one finished request at a time, last added
+    first: generators must get each of their outputs in its own place, and
+    only once all of theirs are back."""
+
+    def run(self):
+        if not self.queue:
+            return []
+        ticket, request = self.queue.pop()
+        return [(ticket, self.sampler.sample(self.lm, [request], self.temperature)[0])]
+
+
+def test_outputs_return_in_any_order_and_generators_wait_for_all_of_theirs():
+    done = {}
+    starts = [(k, (lambda k=k: echo_generator(k, 3))) for k in range(4)]
+    run_interleaved(starts, _OneAtATime(_Echo(), None, 1.0), 2, done.__setitem__)
+    assert done == {k: [[f"out{(k, r, i)}" for i in range(r + 1)] for r in range(3)] for k in range(4)}
+
+
 def test_generators_that_need_no_sampling_finish_at_once():
     def nothing():
         return "done"
         yield  # a generator that returns before yielding
 
+    def empty_rounds():
+        got = yield []
+        got2 = yield []
+        return (got, got2)
+
+    class Refuse:
+        def sample(self, lm, requests, temperature):
+            pytest.fail("no call expected")
+
     done = {}
-    run_interleaved([("a", nothing)], lambda r: pytest.fail("no call expected"), 3, done.__setitem__)
-    assert done == {"a": "done"}
+    run_interleaved([("a", nothing), ("b", empty_rounds)], CallSession(Refuse(), None, 1.0), 3, done.__setitem__)
+    assert done == {"a": "done", "b": ([], [])}
 
 
 def test_sampler_stats_accounting():

@@ -146,25 +146,27 @@ def _diagnose(config: RunConfig, registry: Registry, console: Console, started: 
 
         def finished(r: Rollout, result) -> None:
             if unit_name(r) in done:
-                return  # diagnosed again only to keep its wave's batches as they were
+                return  # on Ray a wave with a missing unit runs whole; its done units are kept as written
             records, rollout_record = result
             run_dir.write_unit(unit_name(r), {"tokens": records, "rollout": rollout_record})
             progress.advance(bar)
 
-        # Rollouts go in fixed waves of run.in_flight (in rollout order); the
-        # members of a wave are diagnosed together and their continuation
-        # requests share sampler calls (gadiag_core.engine.scheduler). A wave
-        # is the unit of batching: a resumed run diagnoses every wave with a
-        # missing unit whole, so each sampler call holds exactly the requests
-        # it held in an uninterrupted run, and float rounding of the batched
-        # matmuls cannot make a resumed run differ. The same holds on Ray: a
-        # wave is what an actor diagnoses. Units are written (here, by the
-        # driver alone) as they finish; the final files are assembled in a
-        # fixed order below.
-        waves = [w for w in wave_bounds(len(rollouts), config.run.in_flight) if not all(unit_name(r) in done for r in rollouts[w[0] : w[1]])]
+        # Up to run.in_flight rollouts are diagnosed together, a new one
+        # starting as soon as one finishes; their continuation requests share
+        # sampler calls (gadiag_core.engine.scheduler). A continuation's
+        # tokens do not depend on what it was batched with (draws close
+        # enough for float rounding to matter are redone batch-free,
+        # plugins/sampling/canonical.py), so a resumed run diagnoses only its
+        # missing rollouts and still writes what an uninterrupted one would.
+        # On Ray a wave of run.in_flight rollouts is what an actor diagnoses.
+        # Units are written (here, by the driver alone) as they finish; the
+        # final files are assembled in a fixed order below.
+        missing = [r for r in rollouts if unit_name(r) not in done]
         if remote is None:
-            diagnose_locally(c, rollouts, problems, config, waves, sample, finished)
+            session = stats.session(c.sampler, c.student, c.student.temperature)
+            diagnose_locally(c, missing, rollouts, problems, config, config.run.in_flight, session, finished)
         else:
+            waves = [w for w in wave_bounds(len(rollouts), config.run.in_flight) if not all(unit_name(r) in done for r in rollouts[w[0] : w[1]])]
             remote.diagnose(rollouts, waves, finished, stats)
     units = [run_dir.read_unit(unit_name(r)) for r in rollouts]
     token_records = [record for unit in units for record in unit["tokens"]]
@@ -191,17 +193,18 @@ def wave_bounds(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def diagnose_locally(c: Components, rollouts: list[Rollout], problems: list[Problem], config: RunConfig, waves, sample, finished) -> None:
-    """Diagnose the given waves in this process, each wave's requests batched
-    together; `finished(rollout, (token records, rollout record))` per rollout.
-    (gadiag_core.engine.ray_executor runs this same function on an actor.)"""
+def diagnose_locally(c: Components, units: list[Rollout], rollouts: list[Rollout], problems: list[Problem], config: RunConfig, in_flight: int, session, finished) -> None:
+    """Diagnose `units` (some of `rollouts`) in this process, up to `in_flight`
+    at a time, their requests going through one sampler `session`;
+    `finished(rollout, (token records, rollout record))` per unit, as each
+    finishes.
+    (gadiag_core.engine.ray_executor runs this same function on an actor, for
+    one wave.)"""
     by_question: dict[str, list[Rollout]] = {}
     for r in rollouts:
         by_question.setdefault(r.problem.id, []).append(r)
-    for start, stop in waves:
-        wave = rollouts[start:stop]
-        starts = [(r, partial(diagnosis_steps, c, r, by_question[r.problem.id], problems, config)) for r in wave]
-        run_interleaved(starts, sample, len(wave), finished)
+    starts = [(r, partial(diagnosis_steps, c, r, by_question[r.problem.id], problems, config)) for r in units]
+    run_interleaved(starts, session, in_flight, finished)
 
 
 def start_remote(config: RunConfig, console: Console):

@@ -314,7 +314,10 @@ class DiagnosisWorker:
         import ray
 
         from gadiag_core.engine.pipeline import diagnose_locally, rollouts_from_rows
+        from types import SimpleNamespace
+
         from gadiag_core.engine.scheduler import SamplerStats
+        from gadiag_core.interfaces import CallSession
 
         if self.rows_key != rows_ref.hex():
             rows = ray.get(rows_ref)
@@ -331,7 +334,9 @@ class DiagnosisWorker:
             return stats.sample(c.sampler, c.student, requests, c.student.temperature)
 
         results = {}
-        diagnose_locally(c, self.rollouts, self.problems, self.config, [(start, stop)], sample,
+        # Calls, not a stream: the kill-once hook above fires on a call.
+        session = CallSession(SimpleNamespace(sample=lambda lm, requests, temperature: sample(requests)), c.student, c.student.temperature)
+        diagnose_locally(c, self.rollouts[start:stop], self.rollouts, self.problems, self.config, stop - start, session,
                          lambda r, result: results.__setitem__(self.position[(r.problem.id, r.index)], result))
         part = {"calls": stats.calls, "requests": stats.requests, "tokens": stats.tokens, "seconds": stats.seconds, "batch_sizes": stats.batch_sizes, "redraws": stats.redraws}
         return {"results": sorted(results.items()), "stats": part}

@@ -51,10 +51,13 @@ def leaderboard_table(summary: dict) -> Table:
     )
     speed = summary.get("throughput")
     if speed and speed.get("sampler_calls"):
+        if speed.get("mean_rows_per_step"):  # a decoding stream: its batch is the rows per step
+            work = f"{speed['decode_steps']} decoding steps of {num(speed['mean_rows_per_step'], '{:.1f}')} rows on average"
+        else:
+            work = f"{speed['sampler_calls']} calls of {num(speed['mean_batch_size'], '{:.1f}')} requests on average"
         caption += (
             f"\nsampler: {speed['sampled_tokens']} tokens in {num(speed['sampler_seconds'], '{:.1f}')} s "
-            f"({num(speed['tokens_per_second'], '{:.0f}')} tokens/s), {speed['sampler_calls']} calls of "
-            f"{num(speed['mean_batch_size'], '{:.1f}')} requests on average; "
+            f"({num(speed['tokens_per_second'], '{:.0f}')} tokens/s), {work}; "
             f"{_pct(speed['share_outside_sampler'])} of {num(speed['wall_seconds'], '{:.0f}')} s outside the sampler"
         )
     caption += (

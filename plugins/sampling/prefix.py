@@ -14,11 +14,12 @@ from typing import Optional
 
 import torch
 
-from gadiag_core.interfaces import CausalLM, ContinuationRequest, RolloutSampler
+from gadiag_core.interfaces import CallSession, CausalLM, ContinuationRequest, RolloutSampler
 from gadiag_plugins.sampling.batched import BatchedSampler
 from gadiag_plugins.sampling.canonical import DEFAULT_MARGIN, CanonicalRedraw
 from gadiag_plugins.sampling.draw import draw, gumbel_noise
 from gadiag_plugins.sampling.llama_decoder import _Arch
+from gadiag_plugins.sampling.prefix_stream import PrefixStream
 from gadiag_plugins.sampling.threads import _auto_threads
 
 
@@ -34,8 +35,10 @@ class _Layout:
     row's own prefix (nested prefixes of one root, and roots shorter than the
     longest)."""
 
-    def __init__(self, root_of_row: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device):
-        roots = sorted(set(root_of_row))
+    def __init__(self, root_of_row: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device, n_roots: Optional[int] = None):
+        # n_roots: the roots are 0 … n_roots − 1, rows or not (a stream's
+        # prefix caches keep their places; a root without rows costs empty slots).
+        roots = sorted(set(root_of_row)) if n_roots is None else list(range(n_roots))
         self.roots = roots
         local = {r: i for i, r in enumerate(roots)}
         counts = [0] * len(roots)
@@ -56,7 +59,7 @@ class _Layout:
             scatter.append(flat)
         self.gather = torch.tensor(gather, dtype=torch.long, device=device)
         self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
-        self.identity = len(roots) == 1  # one root: slot j is row j
+        self.identity = len(roots) == 1 and len(scatter) == n_slots  # one root, every slot a row: slot j is row j
         if all(n == width for n in lengths):
             self.mask = None
         else:
@@ -164,48 +167,43 @@ class PrefixSampler(RolloutSampler):
         # Counts every generated position, forced ones included (budget accounting).
         self.tokens_generated = 0
         self.prefix_tokens_encoded = 0
+        # Decoding steps and the rows decoded over them (accounting).
+        self.decode_steps = 0
+        self.decoded_rows = 0
 
-    # -- entry point ---------------------------------------------------------
+    # -- entry points --------------------------------------------------------
 
     def sample(self, lm: CausalLM, requests: list[ContinuationRequest], temperature: float) -> list[list[int]]:
+        session = self.open(lm, temperature)
+        tickets = session.add(requests)
+        results: dict[int, list[int]] = {}
+        while session.pending:
+            results.update(session.run())
+        return [results[t] for t in tickets]
+
+    def open(self, lm: CausalLM, temperature: float):
+        """A stream (prefix_stream.py): requests join the running batch. Models
+        the hand-written decoder does not know get the default session, whose
+        runs are `sample` calls on the `batched` sampler's code path."""
         if temperature < 0:
             raise ValueError("temperature must be >= 0")
-        saved = torch.get_num_threads()
-        threads = self.threads
-        if threads is None:
-            threads = _auto_threads(lm.model)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                return self._sample(lm, requests, float(temperature))
-        finally:
-            if threads is not None:
-                torch.set_num_threads(saved)
-
-    def _sample(self, lm: CausalLM, requests: list[ContinuationRequest], temperature: float) -> list[list[int]]:
-        results: list[list[int]] = [[] for _ in requests]
-        live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
-        if not live:
-            return results
-        if any(len(requests[i].prefix_ids) == 0 for i in live):
-            raise ValueError("every request needs a non-empty prefix")
         arch = _Arch.of(lm.model)
-        if arch is not None:
-            arch.prepare(lm.model, self.pack_weights)
-        else:
-            fallback = BatchedSampler(batch_size=self.batch_size)
-            fallback.redraw = self.redraw  # same margin, counts kept here
-            outs = fallback.sample(lm, [requests[i] for i in live], temperature)
-            self.tokens_generated += fallback.tokens_generated
-            for i, out in zip(live, outs):
-                results[i] = self._cut_at_stop(lm, out)
-            return results
+        if arch is None:
+            return CallSession(_Fallback(self), lm, float(temperature))
+        arch.prepare(lm.model, self.pack_weights)
+        return PrefixStream(self, lm, arch, float(temperature))
 
-        # Distinct prefixes, then roots: a prefix that starts a longer one
-        # reuses the longer one's cache. In sorted order a prefix is the start
-        # of some other prefix exactly when it is the start of the next one.
-        prefixes = sorted({tuple(int(t) for t in requests[i].prefix_ids) for i in live})
+    # -- planning ------------------------------------------------------------
+
+    @staticmethod
+    def _roots(requests: list[ContinuationRequest]) -> tuple[list[tuple[int, ...]], list[int], dict[int, set[int]]]:
+        """Distinct prefixes, then roots: a prefix that starts a longer one
+        reuses the longer one's cache. Returns the roots, each request's root,
+        and per root the positions whose logits a request draws its first
+        token from. (In sorted order a prefix is the start of some other
+        prefix exactly when it is the start of the next one.)"""
+        keys = [tuple(int(t) for t in r.prefix_ids) for r in requests]
+        prefixes = sorted(set(keys))
         roots: list[tuple[int, ...]] = []
         root_of_prefix: dict[tuple[int, ...], int] = {}
         for k in range(len(prefixes) - 1, -1, -1):
@@ -216,57 +214,11 @@ class PrefixSampler(RolloutSampler):
             else:
                 root_of_prefix[p] = len(roots)
                 roots.append(p)
-        rows = []  # (root, prefix length, request index)
-        for i in live:
-            p = tuple(int(t) for t in requests[i].prefix_ids)
-            rows.append((root_of_prefix[p], len(p), i))
-        rows.sort()
-        # Positions whose logits some request samples its first token from.
+        root_of = [root_of_prefix[key] for key in keys]
         need: dict[int, set[int]] = {}
-        for r, plen, i in rows:
-            need.setdefault(r, set()).add(plen - 1)
-
-        chunks = self._chunks(arch, rows, requests)
-        last_chunk = {}
-        for c, chunk in enumerate(chunks):
-            for r, _, _ in chunk:
-                last_chunk[r] = c
-        encoded: dict[int, tuple] = {}
-        for c, chunk in enumerate(chunks):
-            missing = sorted({r for r, _, _ in chunk} - set(encoded))
-            encoded.update(self._encode(lm, arch, {r: roots[r] for r in missing}, need))
-            outs = self._decode(lm, arch, chunk, requests, encoded, temperature)
-            for (_, _, i), out in zip(chunk, outs):
-                results[i] = out
-            for r in [r for r in encoded if last_chunk[r] == c]:
-                del encoded[r]
-        return results
-
-    # -- planning ------------------------------------------------------------
-
-    def _chunks(self, arch: _Arch, rows: list[tuple], requests) -> list[list[tuple]]:
-        """Split the sorted rows into decode batches of about equal size, at
-        most batch_size rows and within max_cache_mb of KV cache each."""
-        n = len(rows)
-        count = -(-n // self.batch_size)
-        size = -(-n // count)
-        per_token = arch.kv_bytes_per_token()
-        budget = self.max_cache_mb * 2**20
-        chunks, current = [], []
-        for row in rows:
-            trial = current + [row]
-            roots = {r for r, _, _ in trial}
-            width = max(plen for _, plen, _ in trial)
-            steps = max(requests[i].max_new_tokens for _, _, i in trial)
-            need = (len(roots) * width + len(trial) * steps) * per_token
-            if current and (len(current) >= size or need > budget):
-                chunks.append(current)
-                current = [row]
-            else:
-                current = trial
-        if current:
-            chunks.append(current)
-        return chunks
+        for r, key in zip(root_of, keys):
+            need.setdefault(r, set()).add(len(key) - 1)
+        return roots, root_of, need
 
     # -- the shared prefix ---------------------------------------------------
 
@@ -321,124 +273,9 @@ class PrefixSampler(RolloutSampler):
             self.prefix_tokens_encoded += n
         return out
 
-    # -- decoding ------------------------------------------------------------
+    # -- decoding steps (driven by PrefixStream) ------------------------------
 
-    def _decode(self, lm, arch: _Arch, chunk: list[tuple], requests, encoded: dict, temperature: float) -> list[list[int]]:
-        """Decode one chunk of rows to the end: draw, record, drop finished rows
-        (compacting the caches in place), step. One function on purpose: the
-        loop's state (rows, caches, positions, layout) changes
-        together at every step, and splitting it would pass all of it around."""
-        device = arch.device
-        B = len(chunk)
-        eos = torch.tensor(sorted(set(lm.eos_token_ids)) or [-1], device=device)
-        root_of_row = [r for r, _, _ in chunk]
-        plen_of_row = [plen for _, plen, _ in chunk]
-        reqs = [requests[i] for _, _, i in chunk]
-        limits = [r.max_new_tokens for r in reqs]
-        steps = max(limits)
-        # Each row's Gumbel noise comes from its own generator, a step at a time.
-        generators = [torch.Generator().manual_seed(r.seed) for r in reqs]
-        forced = torch.tensor([-1 if r.forced_first is None else int(r.forced_first) for r in reqs], device=device)
-        outputs: list[list[int]] = [[] for _ in chunk]
-
-        # Prefix caches of this chunk's roots, padded to one width: [R, KV, P, d].
-        width = max(plen_of_row)
-        layout = _Layout(root_of_row, plen_of_row, width, arch.rep, arch.dtype, device)
-        prefix_k, prefix_v = self._stack_prefixes(arch, [encoded[r][0] for r in layout.roots], width)
-
-        # Each row's own generated positions: [B, KV, steps, d] per layer.
-        shape = (B, arch.kv_heads, max(steps - 1, 1), arch.head_dim)
-        own_k = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
-        own_v = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
-
-        logits = torch.stack([encoded[r][1][plen - 1] for r, plen, _ in chunk])
-        noise_buffer = torch.empty((B, logits.shape[-1])) if temperature > 0 else None
-        rows = list(range(B))  # chunk row of each batch row
-        alive = [True] * B
-        positions = torch.tensor(plen_of_row, dtype=torch.long, device=device)
-        step = 0
-        while True:
-            if self.on_draw is not None:
-                self.on_draw([reqs[row].seed for row in rows], logits)
-            noise = None if noise_buffer is None else gumbel_noise([generators[row] for row in rows], logits.shape[-1], noise_buffer)
-            tokens, margins = self._choose(logits, temperature, noise)
-            # Close draws (two best scores within the margin): redone batch-free (canonical.py).
-            tokens = self.redraw.settle(lm.model, tokens, margins, temperature, noise,
-                                        lambda b: list(reqs[rows[b]].prefix_ids) + outputs[rows[b]],
-                                        skip=forced >= 0 if step == 0 else None)
-            if step == 0:
-                tokens = torch.where(forced >= 0, forced, tokens)
-            values = tokens.tolist()
-            finished = torch.isin(tokens, eos).tolist()
-            for b, row in enumerate(rows):
-                if alive[b]:
-                    outputs[row].append(values[b])
-                    stop = finished[b] or len(outputs[row]) >= limits[row] or self._hit_stop(lm, outputs[row])
-                    alive[b] = not stop
-                    self.tokens_generated += 1
-            step += 1
-            n_alive = sum(alive)
-            if n_alive == 0:
-                break
-            if n_alive < len(rows):
-                # Drop finished rows: live rows from the back move into the
-                # freed places in front, and the batch is cut to n_alive (the
-                # caches become views of their first n_alive rows: no copy).
-                holes = [b for b in range(n_alive) if not alive[b]]
-                movers = [b for b in range(n_alive, len(rows)) if alive[b]]
-                if holes:
-                    dst = torch.tensor(holes, dtype=torch.long, device=device)
-                    src = torch.tensor(movers, dtype=torch.long, device=device)
-                    for caches in (own_k, own_v):
-                        for cache in caches:
-                            cache[dst, :, : step - 1] = cache[src, :, : step - 1]
-                    for tensor in (tokens, positions):
-                        tensor[dst] = tensor[src]
-                    for h, m in zip(holes, movers):
-                        rows[h] = rows[m]
-                rows = rows[:n_alive]
-                alive = [True] * n_alive
-                tokens, positions = tokens[:n_alive], positions[:n_alive]
-                for caches in (own_k, own_v):
-                    for l in range(len(caches)):
-                        caches[l] = caches[l][:n_alive]
-                new_layout = _Layout([root_of_row[r] for r in rows], [plen_of_row[r] for r in rows], width, arch.rep, arch.dtype, device)
-                if new_layout.roots != layout.roots:
-                    pick = torch.tensor([layout.roots.index(r) for r in new_layout.roots], device=device)
-                    prefix_k = [k.index_select(0, pick) for k in prefix_k]
-                    prefix_v = [v.index_select(0, pick) for v in prefix_v]
-                layout = new_layout
-            if step == 1:
-                # The first generated token: rows with the same prefix and the
-                # same first token (the continuations of one forced candidate)
-                # have the same context, so it is computed once for them.
-                firsts = tokens.tolist()
-                logits = self._first_step(arch, tokens, positions, [(root_of_row[r], plen_of_row[r], firsts[b]) for b, r in enumerate(rows)],
-                                          layout, width, prefix_k, prefix_v, own_k, own_v)
-            else:
-                logits = self._step(arch, tokens, positions, step - 1, layout, prefix_k, prefix_v, own_k, own_v)
-            positions = positions + 1
-        return outputs
-
-    @staticmethod
-    def _stack_prefixes(arch: _Arch, kvs: list, width: int):
-        if len(kvs) == 1:
-            kv = kvs[0]
-            return [k[:, :width].unsqueeze(0) for k, _ in kv], [v[:, :width].unsqueeze(0) for _, v in kv]
-        shape = (len(kvs), arch.kv_heads, width, arch.head_dim)
-        ks, vs = [], []
-        for l in range(len(arch.layers)):
-            k = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
-            v = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
-            for i, kv in enumerate(kvs):
-                n = min(width, kv[l][0].shape[-2])
-                k[i, :, :n] = kv[l][0][:, :n]
-                v[i, :, :n] = kv[l][1][:, :n]
-            ks.append(k)
-            vs.append(v)
-        return ks, vs
-
-    def _first_step(self, arch: _Arch, tokens, positions, keys: list[tuple], layout: _Layout, width: int, prefix_k, prefix_v, own_k, own_v) -> torch.Tensor:
+    def _first_step(self, arch: _Arch, tokens, positions, keys: list[tuple], layout: _Layout, width: int, prefix_k, prefix_v, own_k, own_v, n_roots: Optional[int] = None) -> torch.Tensor:
         """`_step` at s = 0 for rows whose (root, prefix length, first token)
         keys repeat: one row per distinct key goes through the model, and its
         keys, values and logits are copied to the rows that share its key."""
@@ -452,7 +289,7 @@ class PrefixSampler(RolloutSampler):
         unique = torch.tensor(list(first_row.values()), dtype=torch.long, device=device)
         inverse = torch.tensor([place[key] for key in keys], dtype=torch.long, device=device)
         # Every root keeps at least one row, so the roots (and prefix caches) stay the same.
-        sub_layout = _Layout([k[0] for k in first_row], [k[1] for k in first_row], width, arch.rep, arch.dtype, device)
+        sub_layout = _Layout([k[0] for k in first_row], [k[1] for k in first_row], width, arch.rep, arch.dtype, device, n_roots)
         shape = (len(first_row), arch.kv_heads, 1, arch.head_dim)
         unique_k = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
         unique_v = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
@@ -462,9 +299,12 @@ class PrefixSampler(RolloutSampler):
                 cache[:, :, 0] = part[inverse, :, 0]
         return logits[inverse]
 
-    def _step(self, arch: _Arch, tokens, positions, s: int, layout: _Layout, prefix_k, prefix_v, own_k, own_v) -> torch.Tensor:
+    def _step(self, arch: _Arch, tokens, positions, s, layout: _Layout, prefix_k, prefix_v, own_k, own_v) -> torch.Tensor:
         """One decoding step for the batch: feed token s of every row (at its
         own absolute position), return the next-token logits [B, V] float32.
+        s: one step for all rows (int), or each row's own (LongTensor [B]: a
+        stream's rows joined at different times; own keys past a row's step
+        are masked).
 
         Attention runs in "slot space" [R, KV, slots * rep, ·]: the queries of
         each root's rows side by side, so the shared prefix is one matmul per
@@ -473,6 +313,16 @@ class PrefixSampler(RolloutSampler):
         B = tokens.shape[0]
         H, KV, rep, d = arch.heads, arch.kv_heads, arch.rep, arch.head_dim
         R, slots = len(layout.roots), layout.slots
+        own_mask, at = None, s
+        if not isinstance(s, int):
+            top = int(s.max())
+            if int(s.min()) == top:
+                at = s = top
+            else:  # [B, 1, 1, S]: -inf past each row's own step
+                at = (torch.arange(B, device=s.device), slice(None), s)
+                own_mask = torch.zeros((B, 1, 1, top + 1), dtype=arch.dtype, device=s.device)
+                own_mask.masked_fill_(torch.arange(top + 1, device=s.device).view(1, 1, 1, -1) > s.view(B, 1, 1, 1), float("-inf"))
+                s = top
         P, S = prefix_k[0].shape[-2], s + 1
         h = arch.embed(tokens)  # [B, D]
         cos, sin = arch.rope_factors(h.unsqueeze(1), positions.unsqueeze(1))  # [B, 1, 1, d]
@@ -492,10 +342,16 @@ class PrefixSampler(RolloutSampler):
             qk = arch.qk_rotary(attn, qkv, cos, sin)
             q = qk[:, :H].view(B, KV, rep, d)
             ok, ov = own_k[l], own_v[l]
-            ok[:, :, s] = qk[:, H:]
-            ov[:, :, s] = qkv[:, H + KV :]
+            if own_mask is None:
+                ok[:, :, at] = qk[:, H:]
+                ov[:, :, at] = qkv[:, H + KV :]
+            else:
+                ok[at] = qk[:, H:]
+                ov[at] = qkv[:, H + KV :]
 
             own = torch.matmul(q, ok[:, :, :S].transpose(-1, -2))  # [B, KV, rep, S]
+            if own_mask is not None:
+                own = own + own_mask
             pre = torch.matmul(to_slots(q), prefix_k[l].transpose(-1, -2))  # [R, KV, slots*rep, P]
             if layout.mask is not None:
                 pre = pre + layout.mask
@@ -529,3 +385,28 @@ class PrefixSampler(RolloutSampler):
                 return out[:n]
         return out
 
+
+
+class _Fallback:
+    """The `batched` sampler's code path for models the decoder does not know,
+    with this sampler's batch size, redraw margin, counts and stop strings."""
+
+    def __init__(self, owner: PrefixSampler):
+        self.owner = owner
+
+    def sample(self, lm: CausalLM, requests: list[ContinuationRequest], temperature: float) -> list[list[int]]:
+        owner = self.owner
+        if any(r.max_new_tokens > 0 and len(r.prefix_ids) == 0 for r in requests):
+            raise ValueError("every request needs a non-empty prefix")
+        fallback = BatchedSampler(batch_size=owner.batch_size)
+        fallback.redraw = owner.redraw
+        saved = torch.get_num_threads()
+        threads = owner.threads if owner.threads is not None else _auto_threads(lm.model)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            outs = fallback.sample(lm, requests, temperature)
+        finally:
+            torch.set_num_threads(saved)
+        owner.tokens_generated += fallback.tokens_generated
+        return [owner._cut_at_stop(lm, out) for out in outs]

@@ -1,0 +1,282 @@
+"""The `prefix` sampler's decoding as a stream: requests join a running batch.
+
+A sampler call decodes its rows until the last one finishes, and the batch
+shrinks as rows stop (most continuations end well before their limit), so
+late steps pay a whole pass over the weights for a few rows. `PrefixStream`
+keeps one batch going instead: requests are added at any time (the scheduler
+adds a rollout's next requests as soon as its last ones finish), join the
+batch between two steps, and leave it as they finish. Each row is at its own
+step (`PrefixSampler._step` masks own keys past it); roots keep their places
+in the prefix stack until it is compacted, so joining copies only the new
+roots' keys and values.
+
+Rows do not depend on each other: a row's tokens are fixed by its request
+(its own noise stream; close draws redone batch-free, canonical.py), so a
+stream returns exactly what `PrefixSampler.sample` does for the same
+requests, whatever joins when (tests/test_sampler.py pins it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+import torch
+
+from gadiag_core.interfaces import ContinuationRequest, SamplerSession
+from gadiag_plugins.sampling.draw import gumbel_noise
+from gadiag_plugins.sampling.threads import _auto_threads
+
+
+class _Row:
+    """One live continuation: its request, where its prefix lives, what it drew."""
+
+    __slots__ = ("ticket", "request", "root", "plen", "generator", "outputs")
+
+    def __init__(self, ticket: int, request: ContinuationRequest, root: int, plen: int):
+        self.ticket, self.request, self.root, self.plen = ticket, request, root, plen
+        self.generator = torch.Generator().manual_seed(request.seed)
+        self.outputs: list[int] = []
+
+
+class PrefixStream(SamplerSession):
+    """Continuous batching for the `prefix` sampler (see the module docstring).
+
+    Up to `sampler.batch_size` rows decode together (fewer if their own keys
+    and values would pass `max_cache_mb`). Queued requests join when there is
+    room for all of them or for a quarter of the batch, so a join (a prefill
+    pass for the new roots) is not paid row by row."""
+
+    def __init__(self, sampler, lm, arch, temperature: float):
+        self.sampler, self.lm, self.arch, self.temperature = sampler, lm, arch, temperature
+        self.eos = set(int(i) for i in lm.eos_token_ids)
+        self.queue: deque = deque()  # (ticket, request) not yet in the batch
+        self.ready: list[tuple[int, list[int]]] = []  # finished without decoding
+        self.tickets = 0
+        self.rows: list[_Row] = []  # the batch, in order
+        self.logits: Optional[torch.Tensor] = None  # [B, V]: each row's next draw
+        # Prefix stack: per layer keys/values [R, KV, W, d]; root r at place r.
+        self.prefix_k: list = []
+        self.prefix_v: list = []
+        self.root_rows: list[int] = []  # rows per place (0: free)
+        self.root_length: list[int] = []
+        self.free: list[int] = []
+        # Each row's own generated keys/values: per layer [capacity, KV, steps, d].
+        self.own_k: list = []
+        self.own_v: list = []
+        self.noise: Optional[torch.Tensor] = None
+
+    # -- the session ---------------------------------------------------------
+
+    def add(self, requests: list[ContinuationRequest]) -> list[int]:
+        tickets = []
+        for request in requests:
+            ticket, self.tickets = self.tickets, self.tickets + 1
+            tickets.append(ticket)
+            if request.max_new_tokens <= 0:
+                self.ready.append((ticket, []))
+            elif len(request.prefix_ids) == 0:
+                raise ValueError("every request needs a non-empty prefix")
+            else:
+                self.queue.append((ticket, request))
+        return tickets
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue) + len(self.rows) + len(self.ready)
+
+    def run(self) -> list[tuple[int, list[int]]]:
+        saved = torch.get_num_threads()
+        threads = self.sampler.threads
+        if threads is None:
+            threads = _auto_threads(self.lm.model)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                finished, self.ready = self.ready, []
+                while not finished:
+                    self._join()
+                    if not self.rows:
+                        break
+                    finished = self._step()
+                return finished
+        finally:
+            if threads is not None:
+                torch.set_num_threads(saved)
+
+    # -- joining -------------------------------------------------------------
+
+    def _capacity(self, steps: int) -> int:
+        per_row = steps * self.arch.kv_bytes_per_token()
+        return max(1, min(self.sampler.batch_size, int(self.sampler.max_cache_mb * 2**20 // max(per_row, 1))))
+
+    def _join(self) -> None:
+        if not self.queue:
+            return
+        steps = max(max(r.request.max_new_tokens for r in self.rows) if self.rows else 1,
+                    max(request.max_new_tokens for _, request in self.queue))
+        room = self._capacity(steps) - len(self.rows)
+        if room <= 0 or (self.rows and room < min(len(self.queue), max(1, self.sampler.batch_size // 4))):
+            return
+        taken = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
+        roots, root_of, need = self.sampler._roots([request for _, request in taken])
+        encoded = self.sampler._encode(self.lm, self.arch, dict(enumerate(roots)), need)
+        place = {r: self._place(encoded[r][0], len(roots[r])) for r in encoded}
+        new_rows, first_logits = [], []
+        for (ticket, request), r in zip(taken, root_of):
+            plen = len(request.prefix_ids)
+            new_rows.append(_Row(ticket, request, place[r], plen))
+            first_logits.append(encoded[r][1][plen - 1])
+            self.root_rows[place[r]] += 1
+        self._grow_own(len(self.rows) + len(new_rows), max(r.request.max_new_tokens for r in self.rows + new_rows))
+        self.rows += new_rows
+        fresh = torch.stack(first_logits)
+        self.logits = fresh if self.logits is None or not len(self.logits) else torch.cat((self.logits, fresh))
+
+    def _place(self, kv: list, length: int) -> int:
+        """Put a root's keys/values ([KV, n, d] per layer) in a free place of
+        the prefix stack (growing it when none is free or it is too narrow)."""
+        arch = self.arch
+        width = self.prefix_k[0].shape[-2] if self.prefix_k else 0
+        if not self.free or length > width:
+            places = len(self.root_rows) + (0 if self.free else max(4, len(self.root_rows)))
+            new_width = max(width, length)
+            shape = (places, arch.kv_heads, new_width, arch.head_dim)
+            for stack in (self.prefix_k, self.prefix_v):
+                for l in range(len(arch.layers)):
+                    grown = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
+                    if stack and len(stack) > l:
+                        old = stack[l]
+                        grown[: old.shape[0], :, : old.shape[2]] = old
+                        stack[l] = grown
+                    else:
+                        stack.append(grown)
+            self.free += list(range(len(self.root_rows), places))
+            self.root_rows += [0] * (places - len(self.root_rows))
+            self.root_length += [0] * (places - len(self.root_length))
+        place = self.free.pop(0)
+        for l, (k, v) in enumerate(kv):
+            self.prefix_k[l][place, :, :length] = k[:, :length]
+            self.prefix_v[l][place, :, :length] = v[:, :length]
+        self.root_length[place] = length
+        return place
+
+    def _grow_own(self, rows: int, steps: int) -> None:
+        """Own key/value caches for at least `rows` rows of `steps` steps
+        (zeros: a masked position must not hold NaN)."""
+        arch = self.arch
+        have_rows = self.own_k[0].shape[0] if self.own_k else 0
+        have_steps = self.own_k[0].shape[2] if self.own_k else 0
+        if rows <= have_rows and steps <= have_steps:
+            return
+        shape = (max(rows, have_rows, min(self.sampler.batch_size, 2 * have_rows)), arch.kv_heads, max(steps, have_steps), arch.head_dim)
+        for caches in (self.own_k, self.own_v):
+            for l in range(len(arch.layers)):
+                grown = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
+                if len(caches) > l:
+                    grown[: have_rows, :, :have_steps] = caches[l]
+                    caches[l] = grown
+                else:
+                    caches.append(grown)
+
+    # -- one step ------------------------------------------------------------
+
+    def _step(self) -> list[tuple[int, list[int]]]:
+        """Draw every row's next token, let finished rows go, feed the others."""
+        sampler, rows, arch = self.sampler, self.rows, self.arch
+        B, width = len(rows), self.logits.shape[-1]
+        noise = None
+        if self.temperature > 0:
+            if self.noise is None or self.noise.shape[0] < B or self.noise.shape[1] != width:
+                self.noise = torch.empty((max(B, sampler.batch_size), width))
+            noise = gumbel_noise([row.generator for row in rows], width, self.noise)
+        if sampler.on_draw is not None:
+            sampler.on_draw([row.request.seed for row in rows], self.logits)
+        tokens, margins = sampler._choose(self.logits, self.temperature, noise)
+        forced = torch.tensor([row.request.forced_first if not row.outputs and row.request.forced_first is not None else -1 for row in rows])
+        tokens = sampler.redraw.settle(self.lm.model, tokens, margins, self.temperature, noise,
+                                       lambda b: list(rows[b].request.prefix_ids) + rows[b].outputs, skip=forced >= 0)
+        tokens = torch.where(forced >= 0, forced, tokens.cpu())
+        values = tokens.tolist()
+        sampler.decode_steps += 1
+        sampler.decoded_rows += B
+        finished, keep = [], []
+        for b, row in enumerate(rows):
+            row.outputs.append(values[b])
+            sampler.tokens_generated += 1
+            if values[b] in self.eos or len(row.outputs) >= row.request.max_new_tokens or sampler._hit_stop(self.lm, row.outputs):
+                finished.append((row.ticket, row.outputs))
+                self.root_rows[row.root] -= 1
+                if self.root_rows[row.root] == 0:
+                    self.free.append(row.root)
+            else:
+                keep.append(b)
+        if len(keep) < B:
+            order = self._compact(keep)
+            tokens = tokens[order]
+        if not self.rows:
+            self.logits = None
+            return finished
+        self.logits = self._forward(tokens)
+        return finished
+
+    def _compact(self, keep: list[int]) -> list[int]:
+        """Keep rows `keep` in places 0 … n − 1 (n = len(keep)): rows kept
+        from the back move into the places of finished rows in front (their
+        own caches with them). Returns the old place of each new place."""
+        n = len(keep)
+        kept = set(keep)
+        holes = [b for b in range(n) if b not in kept]
+        movers = [b for b in keep if b >= n]
+        order = list(range(n))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        if holes:
+            dst = torch.tensor(holes, device=self.arch.device)
+            src = torch.tensor(movers, device=self.arch.device)
+            steps = max(len(self.rows[b].outputs) for b in movers)
+            for caches in (self.own_k, self.own_v):
+                for cache in caches:
+                    cache[dst, :, :steps] = cache[src, :, :steps]
+        self.rows = [self.rows[b] for b in order]
+        if len(self.free) > 8 and len(self.free) > len(self.root_rows) - len(self.free):
+            self._compact_roots()
+        return order
+
+    def _compact_roots(self) -> None:
+        """Drop the free places of the prefix stack (rows follow their roots)."""
+        used = [p for p, n in enumerate(self.root_rows) if n > 0]
+        new_place = {p: i for i, p in enumerate(used)}
+        pick = torch.tensor(used, dtype=torch.long, device=self.arch.device)
+        width = max([self.root_length[p] for p in used] or [1])
+        for stack in (self.prefix_k, self.prefix_v):
+            for l in range(len(stack)):
+                stack[l] = stack[l].index_select(0, pick)[:, :, :width].contiguous()
+        self.root_rows = [self.root_rows[p] for p in used]
+        self.root_length = [self.root_length[p] for p in used]
+        self.free = []
+        for row in self.rows:
+            row.root = new_place[row.root]
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row its last token at its own step; the next logits [B, V]."""
+        sampler, arch, rows = self.sampler, self.arch, self.rows
+        device = arch.device
+        B = len(rows)
+        steps = torch.tensor([len(row.outputs) - 1 for row in rows], dtype=torch.long, device=device)
+        positions = torch.tensor([row.plen + len(row.outputs) - 1 for row in rows], dtype=torch.long, device=device)
+        width = self.prefix_k[0].shape[-2]
+        from gadiag_plugins.sampling.prefix import _Layout
+
+        layout = _Layout([row.root for row in rows], [row.plen for row in rows], width, arch.rep, arch.dtype, device, n_roots=len(self.root_rows))
+        own_k = [cache[:B] for cache in self.own_k]
+        own_v = [cache[:B] for cache in self.own_v]
+        tokens = tokens.to(device)
+        if all(len(row.outputs) == 1 for row in rows):
+            # A fresh batch: rows with the same prefix and first token (the
+            # continuations of one forced candidate) share their first position.
+            firsts = tokens.tolist()
+            keys = [(row.root, row.plen, first) for row, first in zip(rows, firsts)]
+            return sampler._first_step(arch, tokens, positions, keys, layout, width, self.prefix_k, self.prefix_v, own_k, own_v, n_roots=len(self.root_rows))
+        return sampler._step(arch, tokens, positions, steps, layout, self.prefix_k, self.prefix_v, own_k, own_v)
