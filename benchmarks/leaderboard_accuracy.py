@@ -1,6 +1,6 @@
 """Leaderboard numbers against exact ones on the exact environment (issue 14).
 
-    python benchmarks/leaderboard_accuracy.py [--seeds 5] [--budgets 4,8,16]
+    python benchmarks/leaderboard_accuracy.py [--seeds 5] [--budgets 5,10,20]
         [--questions 20] [--rollouts 10] [--max-new-tokens 4] [--work DIR] [--json FILE]
 
 For each seed, runs `gadiag-harness run --task toy` on the toy student
@@ -28,11 +28,13 @@ estimator's counts): mean share of noise in E‖â‖² and the share of nodes
 where it is at least ‖a*‖² (gadiag_core.certify.leaderboard.node_noise).
 Table 5: the headline's per-token error at the default budget split into
 candidate truncation and the noise SIMEX leaves (error_parts).
-Numbers reported in README and issue 14 come from this script (5 seeds,
---budgets 4,6; and 3 seeds, --budgets 4,6,8,16). Estimator variants run on
+Numbers reported in README and issue 14 come from this script (5 and 10 seeds,
+--budgets 5,10 with the default `blind` allocation; before it, the former
+default: --budgets 4,8 --set allocation=energy --tag energy; earlier 5 seeds,
+--budgets 4,6 and 3 seeds, --budgets 4,6,8,16). Estimator variants run on
 the same exact runs with --set and --tag, e.g. the `relative` allocation:
 --seeds 5 --budgets 4,6 --set allocation=relative --tag relative. Cost: each pipeline run takes
-~1–2 min on one thread on a shared machine (load 3–6), so a fresh
+~15–30 s on one thread on an idle machine, ~1–2 min under load 3–6, so a fresh
 --seeds 5 --budgets 4,6,8,16 is ~25 pipeline runs; a rerun on the same --work
 only recomputes the tables (~4 min).
 """
@@ -56,7 +58,7 @@ SPLITS = ("all", "correct", "incorrect")
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--budgets", default="4,8,16", help="continuations of `targeted`; the first is the default")
+    p.add_argument("--budgets", default="5,10,20", help="continuations of `targeted`; the first is the default")
     p.add_argument("--questions", type=int, default=20)
     p.add_argument("--rollouts", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=4)

@@ -395,3 +395,28 @@ def test_relative_allocation_moves_samples_to_weak_nodes(toy):
         shares[mode], tokens[mode] = sum(values) / len(values), spent
     assert abs(tokens["relative"] / tokens["energy"] - 1) < 0.1, tokens
     assert shares["relative"] > shares["energy"] + 0.02, shares
+
+
+def test_blind_allocation_counts_do_not_depend_on_rewards(toy):
+    """`blind` (the default) decides where continuations go from π, costs and
+    paths alone: with the same seeds and another verifier (other rewards for
+    the same continuations) every node gets the same candidates and counts, so
+    each Q̂ is a plain Bernoulli mean given its count and the binomial noise
+    estimate is unbiased (issue 14). `energy` reads the rewards, and its
+    counts move (what makes that test able to fail)."""
+    import dataclasses
+    import zlib
+
+    def other(job):
+        return dataclasses.replace(job, verify=lambda text: float(zlib.crc32(text.encode()) % 3 == 0))
+
+    def counts(est, job):
+        return [(nd.node, nd.candidates.tolist(), nd.counts.tolist()) for nd in est.estimate(job).nodes]
+
+    assert TargetedEstimator().allocation == "blind"
+    moved = {}
+    for mode in ("blind", "energy"):
+        est = TargetedEstimator(allocation=mode, target_error=0.0)
+        moved[mode] = sum(counts(est, toy.job(r, 0)) != counts(est, other(toy.job(r, 0))) for r in toy.rollouts)
+    assert moved["blind"] == 0, moved
+    assert moved["energy"] > 0, moved

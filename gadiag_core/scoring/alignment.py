@@ -16,8 +16,11 @@ same means of raw pooled cosines). Summed over a rollout's nodes the energy
 estimate is stable enough to divide by, where a per-token correction is not.
 Measured against `--estimator exact` on the enumerable toy environment
 (benchmarks/leaderboard_accuracy.py, 5 seeds, default budget) these means are
-off by 0.013 / 0.016 / 0.025 on average (all / incorrect / correct), the token
-means below by 0.032 / 0.026 / 0.048.
+off by 0.010 / 0.014 / 0.019 on average (all / incorrect / correct), the token
+means below by 0.024 / 0.029 / 0.036. That holds for estimators whose noise
+estimate is unbiased: `targeted`'s default `blind` allocation never looks at
+the rewards (with the reward-driven `energy` allocation the noise energy is
+underestimated and correct rollouts keep a bias of +0.014, 0.025 off).
 
 The token means stay available: `token_*` is the mean over scored nodes of
 SIMEX per-token cosines (gadiag_core.scoring.noise.simex_cosine: the cosine

@@ -86,7 +86,28 @@ cosine 0.024 / +0.019 and 0.026 / +0.018, the delta-method correction of
 N/√D with plug-in moments worse (it over-corrects where D̂ is small); none
 is clearly better than the plain binomial energy (0.025 / +0.014), and with
 the exact ‖a*_C‖² in the denominator the numerator's noise alone leaves
-0.023.
+0.023. What did fix it is on the estimator's side: N̂ is unbiased only when
+the counts n_k do not depend on the rewards, and `targeted`'s former
+allocation gave fewer samples to candidates whose first rewards agreed
+(σ̂² = 0), so their extreme Q̂ stayed and ‖â‖² − N̂ overestimated ‖a*_C‖².
+Estimator variants on the same benchmark, 10 seeds (mean |Δ| / bias; all,
+correct, incorrect; sampled tokens against the former default):
+  energy allocation, 4 continuations (former default, 1.00×)
+      0.012 / +0.005   0.021 / +0.008   0.017 / +0.003
+  no early stop (target_error 0)  identical: the stop never fired here
+  blind allocation (σ² = 1/4 for every candidate), 4 (1.00×)
+      0.015 / +0.005   0.021 / +0.001   0.021 / +0.007
+  energy, 5 continuations (1.28×)
+      0.013 / +0.006   0.017 / +0.009   0.020 / +0.003
+  blind, 5 continuations (1.27×; the default)
+      0.012 / +0.003   0.016 / +0.001   0.018 / +0.004
+      (seeds 0–4: 0.010 / +0.002   0.019 / +0.004   0.014 / +0.000)
+  blind, 4, mass_threshold 0.95 and max_candidates 6 (1.29×)
+      0.010 / +0.003   0.017 / −0.002   0.017 / +0.008
+  blind, 10 continuations (2×)
+      0.011 / −0.003   0.015 / +0.005   0.017 / −0.010
+At 2× the budget the errors hardly shrink: what remains is mostly candidate
+truncation, which no correction of the noise can remove.
 
 Everything is a pure function on tensors with leading batch dimensions
 [..., C]; results are float64.

@@ -43,6 +43,7 @@ class UniformOptions(ScreenedOptions):
 
 @dataclass(frozen=True)
 class TargetedOptions(ScreenedOptions):
+    continuations: int = option(5, "free continuations per backbone point, and the mean samples per candidate the allocation may reach", min=2, max=100_000)
     max_nodes: Optional[int] = option(6, "at most this many nodes scored per rollout (none: all pivotal)", min=1)
     backbone_points: int = option(4, "value backbone: about this many intervals before bisection", min=1, max=10_000)
     delta: float = option(0.1, "bisect a segment whose end values differ by more than this …", min=0.0)
@@ -52,7 +53,12 @@ class TargetedOptions(ScreenedOptions):
     value_growth: float = option(2.0, "backbone points get at most this × continuations while undecided", min=1.0)
     reuse: bool = option(True, "reuse every continuation for every estimate it informs")
     reuse_selection: bool = option(False, "also reuse the backbone continuations that chose the targets (cheaper, biased)")
-    allocation: str = option("energy", "energy: spend where the noise of the rollout's â drops most; relative: weigh each node by 1 / (its ‖a*‖² + noise)", choices=("energy", "relative"))
+    allocation: str = option(
+        "blind",
+        "blind: spend where the noise of the rollout's â drops most, judged from π and costs only (never the rewards: Q̂ and its noise estimate stay unbiased); "
+        "energy: the same with each candidate's observed variance; relative: energy with each node weighed by 1 / (its ‖a*‖² + noise)",
+        choices=("blind", "energy", "relative"),
+    )
     energy_floor: float = option(0.05, "allocation relative: added to a node's ‖a*‖² + noise, in units of its one-sample noise", min=0.0)
     direct_nodes: int = option(16, "rollouts with at most this many eligible nodes skip the backbone", min=0)
 

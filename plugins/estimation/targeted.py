@@ -33,15 +33,44 @@ forced to start with the candidate. Cost T × K × M continuations.
    Candidates whose continuation ends at once (an EOS id, or the last position
    the length limit allows) get Q exactly from the verifier (no sampling;
    counts 0, q_se 0).
-4. Adaptive allocation. Each candidate first gets one sample in each half
+4. Allocation. Each candidate first gets one sample in each half
    (forced continuations). Then rounds of continuations go to the
    (node, candidate) pairs with the largest reduction of the noise energy of â
-   per sampled token, ‖M e_k‖² Var(Q̂_k) / (n_k (n_k + 1)) / L_t (‖M e_k‖² ≈
-   π_k², M the linear map Q̂ → â; L_t the expected continuation length from
-   node t), until the estimated relative error sqrt(N̂ / Ê‖a*‖²) of the
-   rollout's ideal vector (Laplace variances, conservative) is at most
-   `target_error`, or the pools hold `continuations` samples per candidate on
-   average, or a hard budget is reached.
+   per sampled token, ‖M e_k‖² σ_k² / (n_k (n_k + 1)) / L_t (‖M e_k‖² ≈
+   π_k², M the linear map Q̂ → â; σ_k² the per-sample variance; L_t the
+   expected continuation length from node t), until the estimated relative
+   error sqrt(N̂ / Ê‖a*‖²) of the rollout's ideal vector (Laplace variances,
+   conservative) is at most `target_error`, or the pools hold `continuations`
+   samples per candidate on average, or a hard budget is reached.
+   `allocation = "blind"` (the default) takes σ_k² = 1/4, the largest
+   Bernoulli variance, for every candidate: where the samples go then depends
+   on π, the costs and the paths the continuations take, never on their
+   rewards, so each Q̂_k is a plain mean of n_k independent Bernoulli(Q_k)
+   draws given the counts, and the binomial noise estimate N̂ that the
+   headline removes from ‖â‖² is unbiased. `allocation = "energy"` uses each
+   candidate's observed Q̃(1 − Q̃) (Laplace-smoothed): it spends a little more
+   efficiently, but a candidate whose first rewards agree (Q̂ = 0 or 1, σ̂² = 0)
+   gets fewer further samples and keeps its extreme Q̂, so ‖â‖² exceeds
+   ‖a*_C‖² by more than N̂ and the headline stays shrunk toward 0. Measured on
+   the exact environment (issue 14; benchmarks/leaderboard_accuracy.py,
+   10 seeds, headline mean |error| / signed bias per split all, correct,
+   incorrect):
+       energy, continuations 4 (the default before; 1.00× tokens)
+           0.012 / +0.005   0.021 / +0.008   0.017 / +0.003
+       blind, continuations 4 (1.00×)
+           0.015 / +0.005   0.021 / +0.001   0.021 / +0.007
+       energy, continuations 5 (1.28×)
+           0.013 / +0.006   0.017 / +0.009   0.020 / +0.003
+       blind, continuations 5 (1.27×; the default)
+           0.012 / +0.003   0.016 / +0.001   0.018 / +0.004
+       blind, continuations 4, mass_threshold 0.95, max_candidates 6 (1.29×)
+           0.010 / +0.003   0.017 / −0.002   0.017 / +0.008
+   Blind allocation removes the bias of correct rollouts (+0.008 -> +0.001;
+   +0.013 -> +0.004 on seeds 0–4, where the issue's table was measured);
+   the fifth continuation per candidate brings the spread within the issue's
+   0.02 in every split. The early stop at `target_error` still reads the
+   rewards; it stops only where the noise energy is below 1/16 of the signal
+   (where the correction is small) and never fired on the exact environment.
    `allocation = "relative"` multiplies each node's gains by
    1 / (Ê_t + N̂_t + floor) (common.node_weight): the token mean of cosines
    counts every node once, and a unit of noise shrinks the cosine of a node
@@ -56,7 +85,7 @@ forced to start with the candidate. Cost T × K × M continuations.
    ‖a*‖². The headline's mean |error| per split moved by 0.002–0.006 at 4
    continuations and by 0.000–0.014 at 6 (correct rollouts 0.041 -> 0.027);
    with the noise itself unchanged those moves are not shown to be a gain
-   (other estimator seeds were not tried), so the default stays `energy`.
+   (other estimator seeds were not tried), so it was not made the default.
 
 Reuse. Every continuation is indexed by the path it takes along the rollout
 and counted in every estimate it informs:
@@ -137,7 +166,8 @@ from gadiag_plugins.estimation.common import (
 class _Gain:
     """One (node, candidate) pair in the greedy allocation.
 
-    weight: ‖M e_k‖² σ² (σ² the per-sample variance); n samples so far;
+    weight: ‖M e_k‖² σ² (σ² the per-sample variance the allocation assumes,
+    `allocation_variance`) times the node's scale; n samples so far;
     cost: expected tokens of one more continuation from node t."""
 
     weight: float
@@ -163,6 +193,22 @@ class _Gain:
         return half
 
 
+def allocation_variance(stats: CandidateStats, allocation: str) -> float:
+    """The per-sample variance σ² of one candidate's rewards that the greedy
+    allocation assumes (a float in (0, 1/4]).
+
+    blind:            1/4, the largest Bernoulli variance, whatever the rewards
+                      say: the counts then never depend on the rewards, so Q̂ is
+                      unbiased given them and so is the binomial noise estimate
+                      (module docstring, step 4)
+    energy, relative: Q̃(1 − Q̃), Q̃ = (s + 1)/(n + 2) the Laplace-smoothed mean
+                      of the candidate's rewards so far (never 0)
+    """
+    if allocation == "blind":
+        return 0.25
+    return _laplace_var(stats.successes, stats.n) * max(stats.n, 1)
+
+
 class TargetedEstimator(_ScreenedEstimator):
     """Value backbone with bisection, pivotal nodes, adaptive allocation, reuse.
 
@@ -170,7 +216,7 @@ class TargetedEstimator(_ScreenedEstimator):
       screen_epsilon (0.05)   skip nodes with 1 − π_max below this
       mass_threshold (0.9)    candidates: student top tokens up to this mass …
       max_candidates (4)      … at most this many, plus teachers' picks and the sampled token
-      continuations (4)       free continuations per backbone point, and the mean
+      continuations (5)       free continuations per backbone point, and the mean
                               number of samples per candidate the allocation may reach
       max_nodes (6)           most pivotal nodes scored per rollout (None: all)
       backbone_points (4)     initial grid: about this many intervals over the eligible nodes
@@ -179,8 +225,11 @@ class TargetedEstimator(_ScreenedEstimator):
       value_growth (2.0)      unsure comparisons: up to this × continuations per V-point
       target_error (0.25)     stop when the estimated relative RMS error of the
                               rollout's ideal vector is at most this (0: never early)
-      allocation (energy)     energy: greedy on the noise energy of the rollout's â;
-                              relative: each node's gains divided by its Ê + N̂ (see step 4)
+      allocation (blind)      blind: greedy on the noise energy of the rollout's â, with
+                              every candidate's per-sample variance taken as 1/4 (the
+                              counts never depend on the rewards: see step 4);
+                              energy: the same with each candidate's observed variance;
+                              relative: energy, each node's gains divided by its Ê + N̂
       energy_floor (0.05)     relative: added to Ê + N̂, in units of the node's one-sample noise
       max_tokens, max_continuations                per-rollout hard caps (None)
       run_max_tokens, run_max_continuations        per-run hard caps, spread evenly
@@ -375,10 +424,10 @@ class TargetedEstimator(_ScreenedEstimator):
                     if st.exact:
                         continue
                     pooled += st.n
-                    var = _laplace_var(st.successes, st.n) * max(st.n, 1)  # per-sample variance Q̃(1 − Q̃)
+                    var = allocation_variance(st, self.allocation)
                     gains.append(_Gain(float(cols[t][i]) * var * scale, st.n, cost, t, k, st.n_half0, st.n_half1))
             if self.target_error > 0:
-                if self.allocation == "energy":
+                if self.allocation != "relative":
                     if energy_signal > 0 and energy_noise <= self.target_error**2 * energy_signal:
                         break
                 elif relative and len(relative) == len(targets) and sum(relative) / len(relative) <= self.target_error**2:
@@ -390,7 +439,8 @@ class TargetedEstimator(_ScreenedEstimator):
             # enough to reach the cap within max_rounds.
             size = max(len(nonexact), pooled // 2, math.ceil(room / (self.max_rounds - rounds)))
             size = min(size, room)
-            # Greedy by marginal noise reduction per token: w σ² / (n (n + 1)) / L.
+            # Greedy by marginal noise reduction per token: w σ² / (n (n + 1)) / L
+            # (blind: σ² = 1/4, so the order depends on π, costs and counts only).
             chosen = []
             heap = [(-g.priority(), j) for j, g in enumerate(gains)]
             heapq.heapify(heap)
