@@ -28,7 +28,7 @@ estimator's counts): mean share of noise in E‖â‖² and the share of nodes
 where it is at least ‖a*‖² (gadiag_core.certify.leaderboard.node_noise).
 Table 5: the headline's per-token error at the default budget split into
 candidate truncation and the noise SIMEX leaves (error_parts).
-Numbers reported in README and issue 14 come from this script (5 and 10 seeds,
+Numbers reported in README and issue 14 come from this script (10 seeds,
 --budgets 5,10 with the default `blind` allocation; before it, the former
 default: --budgets 4,8 --set allocation=energy --tag energy; earlier 5 seeds,
 --budgets 4,6 and 3 seeds, --budgets 4,6,8,16). Estimator variants run on

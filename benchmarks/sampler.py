@@ -161,9 +161,16 @@ def run_generate(lm, groups, continuations: int, new_tokens: int, temperature: f
     return tokens, wall, cpu
 
 
+# (requests, rows per decoding step) of every prefix-sampler run: the batch it
+# actually decoded, to set against a pipeline's `mean_rows_per_step`.
+ROWS_PER_STEP: list[tuple[int, float]] = []
+
+
 def run_sampler(sampler, lm, requests, temperature: float) -> tuple[int, float, float]:
     with Clock() as clock:
         outputs = sampler.sample(lm, requests, temperature)
+    if getattr(sampler, "decode_steps", 0):
+        ROWS_PER_STEP.append((len(requests), sampler.decoded_rows / sampler.decode_steps))
     return count_tokens(outputs, set(lm.eos_token_ids)), clock.wall, clock.cpu
 
 
@@ -271,6 +278,9 @@ def main(argv=None) -> None:
             f"{name:<14}{n:>9}{tokens:>8}{wall:>8.1f}{cpu:>8.1f}{rate_wall:>8.1f}{rate_cpu:>10.1f}"
             f"{g_wall:>9.1f}{100 * g_wall / roof_wall:>6.1f}%{g_cpu:>12.1f}{100 * g_cpu / roof_cpu:>6.1f}%{x_wall:>11}{x_cpu:>10}"
         )
+    seen = sorted(set((n, round(r, 1)) for n, r in ROWS_PER_STEP))
+    if seen:
+        print("prefix sampler rows per decoding step: " + ", ".join(f"{r} at {n} requests" for n, r in seen))
 
 if __name__ == "__main__":
     main()

@@ -65,6 +65,9 @@ forced to start with the candidate. Cost T × K × M continuations.
            0.012 / +0.003   0.016 / +0.001   0.018 / +0.004
        blind, continuations 4, mass_threshold 0.95, max_candidates 6 (1.29×)
            0.010 / +0.003   0.017 / −0.002   0.017 / +0.008
+   (That table was measured with the samplers' inverse-CDF draws, before
+   Gumbel-max; on the current samplers, 10 seeds, blind at 5 continuations:
+           0.015 / +0.002   0.021 / +0.004   0.022 / −0.000.)
    Blind allocation removes the bias of correct rollouts (+0.008 -> +0.001;
    +0.013 -> +0.004 on seeds 0–4, where the issue's table was measured);
    the fifth continuation per candidate brings the spread within the issue's
