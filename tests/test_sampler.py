@@ -531,18 +531,25 @@ def test_gumbel_max_draws_follow_softmax():
 # -- the stream: requests join a running batch (prefix_stream.py) --------------
 
 
-def test_stream_returns_what_sample_returns_whatever_joins_when(tiny_lm, monkeypatch):
+@pytest.mark.parametrize("cache_mb", [256, 0], ids=["remembered-prefixes", "no-cache"])
+def test_stream_returns_what_sample_returns_whatever_joins_when(tiny_lm, monkeypatch, cache_mb):
     """Requests added to a running stream in bursts (twelve prompts at once,
     then three requests at a time) with a batch of 16 (rows wait, join mid-way
     at their own step, leave; the prefix stack fills, frees and compacts) come
-    back exactly as one `sample` call with room for all returns them."""
+    back exactly as one `sample` call with room for all returns them, with
+    later roots taken from remembered prefixes or encoded again."""
     from gadiag_plugins.sampling.prefix_stream import PrefixStream
 
     distinct = [ContinuationRequest(tuple(prompt(tiny_lm, f"What is {i} plus {i}?")), 4 + i % 5, None, seed=i) for i in range(12)]
     requests = distinct + mixed_requests(tiny_lm, max_new=12)
     expected = PrefixSampler(batch_size=64).sample(tiny_lm, requests, 1.0)
-    seen = {"mixed steps": 0, "compactions": 0}
-    step, compact = PrefixSampler._step, PrefixStream._compact_roots
+    seen = {"mixed steps": 0, "compactions": 0, "recalled": 0}
+    step, compact, recall = PrefixSampler._step, PrefixStream._compact_roots, PrefixStream._recall
+
+    def spy_recall(self, root):
+        hit = recall(self, root)
+        seen["recalled"] += hit is not None
+        return hit
 
     def spy_step(self, arch, tokens, positions, s, *rest):
         if not isinstance(s, int) and int(s.min()) != int(s.max()):
@@ -555,7 +562,8 @@ def test_stream_returns_what_sample_returns_whatever_joins_when(tiny_lm, monkeyp
 
     monkeypatch.setattr(PrefixSampler, "_step", spy_step)
     monkeypatch.setattr(PrefixStream, "_compact_roots", spy_compact)
-    sampler = PrefixSampler(batch_size=16)
+    monkeypatch.setattr(PrefixStream, "_recall", spy_recall)
+    sampler = PrefixSampler(batch_size=16, prefix_cache_mb=cache_mb)
     session = sampler.open(tiny_lm, 1.0)
     bursts = [distinct] + [requests[i : i + 3] for i in range(len(distinct), len(requests), 3)]
     order, got = [], {}
@@ -565,6 +573,7 @@ def test_stream_returns_what_sample_returns_whatever_joins_when(tiny_lm, monkeyp
         got.update(session.run())
     assert [got[t] for t in order] == expected
     assert seen["mixed steps"] > 0 and seen["compactions"] > 0
+    assert (seen["recalled"] > 0) == (cache_mb > 0)
     assert sampler.decoded_rows > sampler.decode_steps > 0
 
 

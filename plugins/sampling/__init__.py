@@ -37,6 +37,7 @@ class PrefixOptions:
     max_cache_mb: float = option(2048, "memory cap for one batch's KV caches (splits batches)", min=1)
     prefill_tokens: int = option(4096, "most padded prefix tokens encoded in one forward pass", min=1)
     pack_weights: Optional[bool] = option(None, "prepack weights for oneDNN (none: for models up to 600M parameters)")
+    prefix_cache_mb: float = option(256, "memory for encoded prefixes kept for later requests (a rollout's next rounds; 0: none)", min=0)
     redraw_margin: float = option(1e-3, "draws whose two best Gumbel scores are this close are redone batch-free, so tokens never depend on batching (0: never)", min=0)
 
 

@@ -257,7 +257,7 @@ class _Arch:
         qk[..., :H, :] *= self.scaling
         return qk
 
-    def prefill(self, ids: torch.Tensor, keep_rows: torch.Tensor, keep_cols: torch.Tensor, past: Optional[list] = None):
+    def prefill(self, ids: torch.Tensor, keep_rows: torch.Tensor, keep_cols: torch.Tensor, past: Optional[list] = None, hidden: bool = False):
         """Encode right-padded prefixes ids [R, L] (causal attention keeps the
         padding out of every real position). Returns per-layer keys and values
         [R, KV, L, d] of these L positions and the logits [N, V] float32 at
@@ -265,7 +265,9 @@ class _Arch:
 
         past: per-layer (keys, values) [1, KV, C, d] of C tokens that come
         before every row (a common start, encoded once): the rows are then
-        positions C … C + L − 1 and attend to those C keys as well."""
+        positions C … C + L − 1 and attend to those C keys as well.
+        hidden: also return the final-norm hidden states of every position
+        [R, L, D] (head_logits of a row of them is that position's logits)."""
         R, L = ids.shape
         H, KV, d = self.heads, self.kv_heads, self.head_dim
         C = 0 if past is None else past[0][0].shape[-2]
@@ -296,10 +298,13 @@ class _Arch:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
             h = o_linear.plus(out.transpose(1, 2).reshape(R, L, H * d), h)
             h = residual_mlp(h)
+        if hidden:
+            normed = self.norm(h)
+            logits = self.head_logits(normed[keep_rows, keep_cols]) if keep_rows.numel() else h.new_zeros((0, self.head.out_features), dtype=torch.float32)
+            return kv, logits, normed
         if keep_rows.numel() == 0:
             return kv, h.new_zeros((0, self.head.out_features), dtype=torch.float32)
-        hidden = self.norm(h[keep_rows, keep_cols])
-        return kv, self.head_logits(hidden)
+        return kv, self.head_logits(self.norm(h[keep_rows, keep_cols]))
 
     def kv_bytes_per_token(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()

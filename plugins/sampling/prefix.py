@@ -1,11 +1,13 @@
-"""The `prefix` sampler (the default): each shared prefix encoded once, all the
-continuations of a call decoded together, rows stop independently.
+"""The `prefix` sampler (the default): each shared prefix encoded once, the
+continuations decoded together in one running batch, rows stop independently.
 
-Planning (which rows share which cached prefix: `_Layout`, `_common_start`)
-and the decoding loop live here; the model's internals are in
-llama_decoder.py, token drawing in draw.py, the thread heuristic in
+Planning (which rows share which cached prefix: `_roots`, `_Layout`,
+`_common_start`), prefix encoding and the decoding step live here; the
+running batch (rows joining and leaving, the prefix stack, remembered
+prefixes) in prefix_stream.py; the model's internals in llama_decoder.py,
+token drawing in draw.py and canonical.py, the thread heuristic in
 threads.py. Models the decoder does not know fall back to the `batched`
-sampler (batched.py), with the same seeds and the same results up to rounding.
+sampler (batched.py), with the same seeds and the same results.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ class PrefixSampler(RolloutSampler):
        alike (a chat template, one question's prompt) have that common start
        encoded once, and the rest of each root attends to it.
     2. Continuations are decoded together, up to `batch_size` rows, by a
-       decoding loop driven here rather than through `forward`: attention is
+       decoding loop driven here rather than through `forward`
+       (`PrefixStream`: requests join between steps, each row at its own
+       step, and encoded prefixes are remembered for later requests): attention is
        split into the shared prefix (one matmul per layer for all the rows
        of a root against the root's cache, which is never copied per row)
        and each row's own generated part (a preallocated cache, no per-step
@@ -131,6 +135,8 @@ class PrefixSampler(RolloutSampler):
       redraw_margin: draws whose two best Gumbel scores differ by less
                      than this (in logits / temperature) are redone
                      batch-free; 0: never
+      prefix_cache_mb: memory for encoded prefixes a stream keeps for later
+                     requests (a rollout's next rounds); 0: none
 
     Models other than Llama/Qwen2/Qwen3-style decoders fall back to the
     `batched` sampler's code path (same seeds, same results)."""
@@ -147,6 +153,7 @@ class PrefixSampler(RolloutSampler):
         prefill_tokens: int = 4096,
         pack_weights: Optional[bool] = None,
         redraw_margin: float = DEFAULT_MARGIN,
+        prefix_cache_mb: float = 256,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -161,6 +168,7 @@ class PrefixSampler(RolloutSampler):
         self.prefill_tokens = int(prefill_tokens)
         self.pack_weights = pack_weights
         self.redraw = CanonicalRedraw(redraw_margin)
+        self.prefix_cache_mb = float(prefix_cache_mb)
         # Called before every draw with the live rows' request seeds and their
         # logits [B, V] (benchmarks/draw_stability.py records them); None: off.
         self.on_draw = None
@@ -225,8 +233,9 @@ class PrefixSampler(RolloutSampler):
     def _encode(self, lm: CausalLM, arch: _Arch, roots: dict[int, tuple[int, ...]], need: dict[int, set[int]]) -> dict[int, tuple]:
         """Encode root prefixes, several per forward pass (right-padded:
         causal attention keeps padding out of every real position). Returns
-        root -> (per-layer (keys, values) [KV, P, d], {position: logits [V]})
-        with logits only at the positions in need[root]."""
+        root -> (per-layer (keys, values) [KV, P, d], {position: logits [V]},
+        final-norm hidden states [P, D]) with logits only at the positions in
+        need[root] (the hidden states give any other position's logits)."""
         out: dict[int, tuple] = {}
         order = sorted(roots, key=lambda r: len(roots[r]))
         group: list[int] = []
@@ -251,7 +260,7 @@ class PrefixSampler(RolloutSampler):
         else:
             shared = torch.tensor([items[0][1][:common]], dtype=torch.long, device=arch.device)
             empty = torch.zeros(0, dtype=torch.long, device=arch.device)
-            past, _ = arch.prefill(shared, empty, empty)
+            past, _, shared_hidden = arch.prefill(shared, empty, empty, hidden=True)
             self.prefix_tokens_encoded += common
         width = max(len(root) for _, root, _ in items) - common
         pad = int(items[0][1][0])  # any id: real positions never attend to the padding
@@ -260,7 +269,7 @@ class PrefixSampler(RolloutSampler):
             ids[row, : len(root) - common] = torch.tensor(root[common:], dtype=torch.long)
         rows = torch.tensor([row for row, (_, _, pos) in enumerate(items) for _ in pos], device=arch.device)
         cols = torch.tensor([p - common for _, _, pos in items for p in pos], device=arch.device)
-        layers, logits = arch.prefill(ids, rows, cols, past)
+        layers, logits, hidden = arch.prefill(ids, rows, cols, past, hidden=True)
         out, j = {}, 0
         for row, (r, root, pos) in enumerate(items):
             n = len(root) - common
@@ -268,7 +277,8 @@ class PrefixSampler(RolloutSampler):
                 kv = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
             else:
                 kv = [(torch.cat((pk[0], k[row, :, :n]), dim=-2), torch.cat((pv[0], v[row, :, :n]), dim=-2)) for (k, v), (pk, pv) in zip(layers, past)]
-            out[r] = (kv, {p: logits[j + i] for i, p in enumerate(pos)})
+            states = hidden[row, :n] if past is None else torch.cat((shared_hidden[0], hidden[row, :n]))
+            out[r] = (kv, {p: logits[j + i] for i, p in enumerate(pos)}, states)
             j += len(pos)
             self.prefix_tokens_encoded += n
         return out

@@ -8,7 +8,10 @@ adds a rollout's next requests as soon as its last ones finish), join the
 batch between two steps, and leave it as they finish. Each row is at its own
 step (`PrefixSampler._step` masks own keys past it); roots keep their places
 in the prefix stack until it is compacted, so joining copies only the new
-roots' keys and values.
+roots' keys and values. Encoded roots are remembered (`prefix_cache_mb`): a
+rollout's next round asks about nodes of the same sequence, and a root that
+starts a remembered one takes its keys/values and, from its hidden states,
+the logits it needs, without another prefill pass.
 
 Rows do not depend on each other: a row's tokens are fixed by its request
 (its own noise stream; close draws redone batch-free, canonical.py), so a
@@ -18,7 +21,7 @@ requests, whatever joins when (tests/test_sampler.py pins it).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Optional
 
 import torch
@@ -65,6 +68,9 @@ class PrefixStream(SamplerSession):
         self.own_k: list = []
         self.own_v: list = []
         self.noise: Optional[torch.Tensor] = None
+        # Encoded roots kept for later joins: tokens -> (keys/values, hidden states).
+        self.remembered: OrderedDict = OrderedDict()
+        self.remembered_bytes = 0
 
     # -- the session ---------------------------------------------------------
 
@@ -121,7 +127,17 @@ class PrefixStream(SamplerSession):
             return
         taken = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
         roots, root_of, need = self.sampler._roots([request for _, request in taken])
-        encoded = self.sampler._encode(self.lm, self.arch, dict(enumerate(roots)), need)
+        # Roots that start a prefix encoded for earlier requests (a rollout's
+        # next round asks about nodes of the same sequence) come from the
+        # cache; the others are encoded now and remembered.
+        found = {r: hit for r, hit in ((r, self._recall(root)) for r, root in enumerate(roots)) if hit is not None}
+        encoded = self.sampler._encode(self.lm, self.arch, {r: root for r, root in enumerate(roots) if r not in found}, need)
+        for r, (kv, _, hidden) in encoded.items():
+            self._remember(roots[r], kv, hidden)
+        for r, (kv, hidden) in found.items():
+            positions = sorted(need[r])
+            logits = self.arch.head_logits(hidden[positions])
+            encoded[r] = (kv, dict(zip(positions, logits)), hidden)
         place = {r: self._place(encoded[r][0], len(roots[r])) for r in encoded}
         new_rows, first_logits = [], []
         for (ticket, request), r in zip(taken, root_of):
@@ -133,6 +149,35 @@ class PrefixStream(SamplerSession):
         self.rows += new_rows
         fresh = torch.stack(first_logits)
         self.logits = fresh if self.logits is None or not len(self.logits) else torch.cat((self.logits, fresh))
+
+    def _recall(self, root: tuple) -> Optional[tuple]:
+        """(keys/values per layer [KV, n, d], hidden states [n, D]) of a
+        remembered prefix that starts with `root` (n ≥ len(root)), or None."""
+        n = len(root)
+        for key in reversed(self.remembered):
+            if len(key) >= n and key[:n] == root:
+                self.remembered.move_to_end(key)
+                return self.remembered[key]
+        return None
+
+    def _remember(self, root: tuple, kv: list, hidden: torch.Tensor) -> None:
+        """Keep an encoded root for later joins (copies: the encoding pass's
+        tensors are larger), within `prefix_cache_mb`; prefixes it extends go."""
+        budget = self.sampler.prefix_cache_mb * 2**20
+        if budget <= 0:
+            return
+        for key in [k for k in self.remembered if len(k) <= len(root) and root[: len(k)] == k]:
+            self.remembered_bytes -= self._bytes(self.remembered.pop(key))
+        entry = ([(k.clone(), v.clone()) for k, v in kv], hidden.clone())
+        self.remembered[root] = entry
+        self.remembered_bytes += self._bytes(entry)
+        while self.remembered_bytes > budget and len(self.remembered) > 1:
+            self.remembered_bytes -= self._bytes(self.remembered.popitem(last=False)[1])
+
+    @staticmethod
+    def _bytes(entry: tuple) -> int:
+        kv, hidden = entry
+        return sum(k.nbytes + v.nbytes for k, v in kv) + hidden.nbytes
 
     def _place(self, kv: list, length: int) -> int:
         """Put a root's keys/values ([KV, n, d] per layer) in a free place of
