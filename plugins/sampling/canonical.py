@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from gadiag_plugins.sampling.draw import draw
+from gadiag_plugins.sampling.threads import torch_threads
 
 # Nine times the largest logit rounding measured (1.1e-4), twenty times the
 # median; 3.5 draws in 10,000 have a closer gap (draw_stability.py).
@@ -42,16 +43,11 @@ def canonical_logits(model: torch.nn.Module, context: list[int]) -> torch.Tensor
     batch size 1, no cache, one thread (a fixed computation of the tokens)."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(context)], dtype=torch.long, device=device)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            try:
-                out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            except TypeError:  # models without logits_to_keep
-                out = model(input_ids=ids, use_cache=False)
-    finally:
-        torch.set_num_threads(saved)
+    with torch_threads(1), torch.inference_mode():
+        try:
+            out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        except TypeError:  # models without logits_to_keep
+            out = model(input_ids=ids, use_cache=False)
     return out.logits[0, -1].float()
 
 

@@ -1,13 +1,13 @@
 """The `prefix` sampler (the default): each shared prefix encoded once, the
 continuations decoded together in one running batch, rows stop independently.
 
-Planning (which rows share which cached prefix: `_roots`, `_Layout`,
-`_common_start`), prefix encoding and the decoding step live here; the
-running batch (rows joining and leaving, the prefix stack, remembered
-prefixes) in prefix_stream.py; the model's internals in llama_decoder.py,
-token drawing in draw.py and canonical.py, the thread heuristic in
-threads.py. Models the decoder does not know fall back to the `batched`
-sampler (batched.py), with the same seeds and the same results.
+Planning (which rows share which cached prefix: `_roots`, `_common_start`),
+prefix encoding and the decoding step live here; the running batch (rows
+joining and leaving, `_Layout`, the prefix stack, remembered prefixes) in
+prefix_stream.py; the model's internals in llama_decoder.py, token drawing
+in draw.py and canonical.py, the thread heuristic in threads.py. Models the
+decoder does not know fall back to the `batched` sampler (batched.py), with
+the same seeds and the same results.
 """
 
 from __future__ import annotations
@@ -19,56 +19,10 @@ import torch
 from gadiag_core.interfaces import CallSession, CausalLM, ContinuationRequest, RolloutSampler
 from gadiag_plugins.sampling.batched import BatchedSampler
 from gadiag_plugins.sampling.canonical import DEFAULT_MARGIN, CanonicalRedraw
-from gadiag_plugins.sampling.draw import draw, gumbel_noise
+from gadiag_plugins.sampling.draw import draw
 from gadiag_plugins.sampling.llama_decoder import _Arch
-from gadiag_plugins.sampling.prefix_stream import PrefixStream
-from gadiag_plugins.sampling.threads import _auto_threads
-
-
-class _Layout:
-    """Where each decoding row finds its shared prefix.
-
-    Each row belongs to a root (the longest prefix its own prefix is the start
-    of); rows may come in any order. For the prefix part of attention the
-    queries of one root's rows are packed into a [R, KV, slots * rep, d]
-    block, so every root is one matmul against its cached keys [R, KV, P, d]
-    (never replicated per row). `gather` packs rows into slots, `scatter`
-    brings slot results back to rows, and `mask` hides key positions past a
-    row's own prefix (nested prefixes of one root, and roots shorter than the
-    longest)."""
-
-    def __init__(self, root_of_row: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device, n_roots: Optional[int] = None):
-        # n_roots: the roots are 0 … n_roots − 1, rows or not (a stream's
-        # prefix caches keep their places; a root without rows costs empty slots).
-        roots = sorted(set(root_of_row)) if n_roots is None else list(range(n_roots))
-        self.roots = roots
-        local = {r: i for i, r in enumerate(roots)}
-        counts = [0] * len(roots)
-        slot_of_row = []
-        for r in root_of_row:
-            i = local[r]
-            slot_of_row.append((i, counts[i]))
-            counts[i] += 1
-        self.slots = max(counts)
-        n_slots = len(roots) * self.slots
-        gather = [0] * n_slots
-        lengths = [width] * n_slots  # empty slots see every key: no all-masked rows
-        scatter = []
-        for row, ((i, j), plen) in enumerate(zip(slot_of_row, plen_of_row)):
-            flat = i * self.slots + j
-            gather[flat] = row
-            lengths[flat] = plen
-            scatter.append(flat)
-        self.gather = torch.tensor(gather, dtype=torch.long, device=device)
-        self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
-        self.identity = len(roots) == 1 and len(scatter) == n_slots  # one root, every slot a row: slot j is row j
-        if all(n == width for n in lengths):
-            self.mask = None
-        else:
-            length = torch.tensor(lengths, device=device).view(len(roots), self.slots, 1, 1)
-            hidden = torch.arange(width, device=device).view(1, 1, 1, width) >= length
-            hidden = hidden.expand(len(roots), self.slots, rep, width).reshape(len(roots), 1, self.slots * rep, width)
-            self.mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+from gadiag_plugins.sampling.prefix_stream import PrefixStream, _Layout
+from gadiag_plugins.sampling.threads import sampling_threads
 
 
 # Roots of one prefill pass that start with at least this many equal tokens
@@ -410,13 +364,7 @@ class _Fallback:
             raise ValueError("every request needs a non-empty prefix")
         fallback = BatchedSampler(batch_size=owner.batch_size)
         fallback.redraw = owner.redraw
-        saved = torch.get_num_threads()
-        threads = owner.threads if owner.threads is not None else _auto_threads(lm.model)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
+        with sampling_threads(owner.threads, lm.model):
             outs = fallback.sample(lm, requests, temperature)
-        finally:
-            torch.set_num_threads(saved)
         owner.tokens_generated += fallback.tokens_generated
         return [owner._cut_at_stop(lm, out) for out in outs]

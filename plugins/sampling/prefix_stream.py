@@ -28,7 +28,53 @@ import torch
 
 from gadiag_core.interfaces import ContinuationRequest, SamplerSession
 from gadiag_plugins.sampling.draw import gumbel_noise
-from gadiag_plugins.sampling.threads import _auto_threads
+from gadiag_plugins.sampling.threads import sampling_threads
+
+
+class _Layout:
+    """Where each decoding row finds its shared prefix.
+
+    Each row belongs to a root (the longest prefix its own prefix is the start
+    of); rows may come in any order. For the prefix part of attention the
+    queries of one root's rows are packed into a [R, KV, slots * rep, d]
+    block, so every root is one matmul against its cached keys [R, KV, P, d]
+    (never replicated per row). `gather` packs rows into slots, `scatter`
+    brings slot results back to rows, and `mask` hides key positions past a
+    row's own prefix (nested prefixes of one root, and roots shorter than the
+    longest)."""
+
+    def __init__(self, root_of_row: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device, n_roots: Optional[int] = None):
+        # n_roots: the roots are 0 … n_roots − 1, rows or not (a stream's
+        # prefix caches keep their places; a root without rows costs empty slots).
+        roots = sorted(set(root_of_row)) if n_roots is None else list(range(n_roots))
+        self.roots = roots
+        local = {r: i for i, r in enumerate(roots)}
+        counts = [0] * len(roots)
+        slot_of_row = []
+        for r in root_of_row:
+            i = local[r]
+            slot_of_row.append((i, counts[i]))
+            counts[i] += 1
+        self.slots = max(counts)
+        n_slots = len(roots) * self.slots
+        gather = [0] * n_slots
+        lengths = [width] * n_slots  # empty slots see every key: no all-masked rows
+        scatter = []
+        for row, ((i, j), plen) in enumerate(zip(slot_of_row, plen_of_row)):
+            flat = i * self.slots + j
+            gather[flat] = row
+            lengths[flat] = plen
+            scatter.append(flat)
+        self.gather = torch.tensor(gather, dtype=torch.long, device=device)
+        self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
+        self.identity = len(roots) == 1 and len(scatter) == n_slots  # one root, every slot a row: slot j is row j
+        if all(n == width for n in lengths):
+            self.mask = None
+        else:
+            length = torch.tensor(lengths, device=device).view(len(roots), self.slots, 1, 1)
+            hidden = torch.arange(width, device=device).view(1, 1, 1, width) >= length
+            hidden = hidden.expand(len(roots), self.slots, rep, width).reshape(len(roots), 1, self.slots * rep, width)
+            self.mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
 
 
 class _Row:
@@ -92,24 +138,14 @@ class PrefixStream(SamplerSession):
         return len(self.queue) + len(self.rows) + len(self.ready)
 
     def run(self) -> list[tuple[int, list[int]]]:
-        saved = torch.get_num_threads()
-        threads = self.sampler.threads
-        if threads is None:
-            threads = _auto_threads(self.lm.model)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                finished, self.ready = self.ready, []
-                while not finished:
-                    self._join()
-                    if not self.rows:
-                        break
-                    finished = self._step()
-                return finished
-        finally:
-            if threads is not None:
-                torch.set_num_threads(saved)
+        with sampling_threads(self.sampler.threads, self.lm.model), torch.inference_mode():
+            finished, self.ready = self.ready, []
+            while not finished:
+                self._join()
+                if not self.rows:
+                    break
+                finished = self._step()
+            return finished
 
     # -- joining -------------------------------------------------------------
 
@@ -229,7 +265,7 @@ class PrefixStream(SamplerSession):
 
     def _step(self) -> list[tuple[int, list[int]]]:
         """Draw every row's next token, let finished rows go, feed the others."""
-        sampler, rows, arch = self.sampler, self.rows, self.arch
+        sampler, rows = self.sampler, self.rows
         B, width = len(rows), self.logits.shape[-1]
         noise = None
         if self.temperature > 0:
@@ -312,8 +348,6 @@ class PrefixStream(SamplerSession):
         steps = torch.tensor([len(row.outputs) - 1 for row in rows], dtype=torch.long, device=device)
         positions = torch.tensor([row.plen + len(row.outputs) - 1 for row in rows], dtype=torch.long, device=device)
         width = self.prefix_k[0].shape[-2]
-        from gadiag_plugins.sampling.prefix import _Layout
-
         layout = _Layout([row.root for row in rows], [row.plen for row in rows], width, arch.rep, arch.dtype, device, n_roots=len(self.root_rows))
         own_k = [cache[:B] for cache in self.own_k]
         own_v = [cache[:B] for cache in self.own_v]

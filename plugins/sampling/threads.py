@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -20,7 +21,7 @@ def _auto_threads(model) -> Optional[int]:
     on one thread and on all of torch's threads. When other processes keep
     the cores busy, several threads wait on each other and run slower than
     one (measured: 3.5 GFLOP/s on two threads against 87 on one), and the
-    sampler then uses one. Results do not depend on this (up to rounding)."""
+    sampler then uses one. Results do not depend on this (canonical.py)."""
     if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
         return 1
     n = torch.get_num_threads()
@@ -53,3 +54,23 @@ def _auto_threads(model) -> Optional[int]:
     use_one = many * 1.2 > one  # extra threads must buy at least 20%
     _THREAD_CHOICE[key] = (time.monotonic(), use_one)
     return 1 if use_one else None
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]):
+    """The block runs with torch on `threads` threads (None: left as it is);
+    the setting before is restored after."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(saved)
+
+
+def sampling_threads(setting: Optional[int], model):
+    """torch_threads for a sampler: its `threads` option, or (None) the quick
+    check's choice for `model` (_auto_threads)."""
+    return torch_threads(setting if setting is not None else _auto_threads(model))
