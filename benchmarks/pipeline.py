@@ -89,6 +89,41 @@ def compare(seq: tuple, sched: tuple) -> str:
     return f"rollouts whose diagnosis differs: {differ} of {len(a)}{worst}"
 
 
+def sampler_reference(config_path: str, threads: int, rows_per_step: float, repeats: int = 2) -> str:
+    """benchmarks/sampler.py's prefix-sampler workload, run here in this
+    process after the pipelines (same load, same threads): 2 and 3 prefixes
+    (32 and 48 requests, which decode ~26 and ~41 rows per step), the best of
+    `repeats` runs each, and its rate interpolated (linearly in rows per step)
+    at the pipeline's own rows per step. Returns a line for the table."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from sampler import build_workload, run_sampler
+
+    from gadiag_core.config import load_toml
+    from gadiag_plugins.sampling.prefix import PrefixSampler
+    from gadiag_plugins.students.hf import load_lm
+
+    student = load_toml(config_path).get("student", {})
+    new_tokens, temperature = student.get("max_new_tokens", 64), student.get("temperature", 1.0)
+    if threads:
+        torch.set_num_threads(threads)
+    lm = load_lm(student.get("model", "smollm2-135m-instruct"))
+    points = []
+    for prefixes in (2, 3):
+        _, requests = build_workload(lm, prefixes, 4, 4, new_tokens, 0)
+        best = None
+        for _ in range(repeats):
+            sampler = PrefixSampler(batch_size=128, threads=threads or torch.get_num_threads())
+            tokens, wall, _ = run_sampler(sampler, lm, requests, temperature)
+            rate = (sampler.decoded_rows / sampler.decode_steps, tokens / wall)
+            best = rate if best is None or rate[1] > best[1] else best
+        points.append(best)
+    (r0, v0), (r1, v1) = points
+    at = v0 + (v1 - v0) * (rows_per_step - r0) / (r1 - r0) if r1 != r0 else v0
+    return (f"sampler benchmark in this process: {v0:.0f} tok/s at {r0:.1f} rows/step, {v1:.0f} at {r1:.1f}; "
+            f"at the scheduler's {rows_per_step:.1f} rows/step {at:.0f} tok/s", at)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "harness.toml"))
@@ -97,11 +132,16 @@ def main() -> int:
     p.add_argument("--in-flight", type=int, default=8, help="rollouts in flight for the scheduler (default 8, run.in_flight's default)")
     p.add_argument("--repeats", type=int, default=0, help="more sequential/scheduler pairs, for the drift")
     p.add_argument("--prompt-cache-off", action="store_true", help="also run the scheduler with node_logits' prompt cache off (first in each set)")
+    p.add_argument("--reference-only", type=float, metavar="ROWS", help="only the sampler benchmark, at this many rows per step")
+    p.add_argument("--no-reference", action="store_true", help="skip the sampler benchmark at the scheduler's rows per step (run after the pairs)")
     args = p.parse_args()
     base = ["--config", args.config, "--threads", str(args.threads)]
     if args.questions:
         base += ["--questions", str(args.questions)]
 
+    if args.reference_only:
+        print(sampler_reference(args.config, args.threads, args.reference_only)[0])
+        return 0
     print(f"load average before: {load_average()}  (cores: {os.cpu_count()})")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,6 +171,13 @@ def main() -> int:
             f"records identical: {json.dumps(seq[4] == sched[4])}"
         )
         print(f"pair {pair}: {compare(seq, sched)}")
+    if not args.no_reference:
+        sched_stats = [r[2] for r in rows if r[1].startswith("scheduler")]
+        rows_per_step = sum(s["mean_rows_per_step"] for s in sched_stats) / len(sched_stats)
+        rate = sum(s["tokens_per_second"] for s in sched_stats) / len(sched_stats)
+        line, reference = sampler_reference(args.config, args.threads, rows_per_step)
+        print(line)
+        print(f"scheduler's effective sampler rate {rate:.0f} tok/s = {100 * rate / reference:.0f}% of it (load average now {load_average()})")
     return 0
 
 

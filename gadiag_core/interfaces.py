@@ -215,6 +215,14 @@ class CausalLM(ABC):
         Returns [T, V] with T = len(generated_ids): row t is z(prompt + generated[:t]),
         the logits from which generated[t] was drawn (before temperature)."""
 
+    def node_logits_many(self, prompts: list[list[int]], generated_ids: list[int]) -> list[torch.Tensor]:
+        """node_logits(prompt, generated_ids) for each of `prompts` (one
+        rollout read under several contexts). Called once per rollout with the
+        student's prompt and every PromptedTeacher's on this model; a model
+        may batch them (the values may then differ from single calls by float
+        rounding, never by more). Default: one call each."""
+        return [self.node_logits(prompt, generated_ids) for prompt in prompts]
+
 
 class Student(CausalLM):
     """The model being diagnosed. Its policy is softmax(z / temperature)."""
@@ -287,6 +295,29 @@ class Teacher(ABC):
         """[T, V] log-probabilities of the teacher at each node, or None if the
         teacher has no context for this rollout. Row t conditions on the
         teacher's context followed by generated_ids[:t]."""
+
+
+class PromptedTeacher(Teacher):
+    """A teacher that is a causal LM `lm` shown a prompt of its own:
+    log p_T = log_softmax(lm.node_logits(prompt_ids(inputs), generated)).
+
+    Saying so lets the pipeline read a rollout once for the student and every
+    such teacher on the same model (CausalLM.node_logits_many)."""
+
+    lm: CausalLM
+
+    @abstractmethod
+    def prompt_ids(self, inputs: ContextInputs) -> Optional[list[int]]:
+        """The teacher's prompt ids for this rollout (before the student's
+        generated tokens), or None when it has no context here."""
+
+    def node_logprobs(self, inputs: ContextInputs, generated_ids: list[int]) -> Optional[torch.Tensor]:
+        import torch
+
+        prompt = self.prompt_ids(inputs)
+        if prompt is None:
+            return None
+        return torch.log_softmax(self.lm.node_logits(prompt, generated_ids).float(), dim=-1)
 
 
 @dataclass

@@ -11,22 +11,17 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 
-from gadiag_core.interfaces import CausalLM, ContextBuilder, ContextInputs, Teacher
+from gadiag_core.interfaces import CausalLM, ContextBuilder, ContextInputs, PromptedTeacher
 
 
-class ContextTeacher(Teacher):
+class ContextTeacher(PromptedTeacher):
     def __init__(self, name: str, lm: CausalLM, context: ContextBuilder, description: str = ""):
         self.name = name
         self.lm = lm
         self.context = context
         self.description = description or f"{lm.name} shown context '{context.name}'"
 
-    def node_logprobs(self, inputs: ContextInputs, generated_ids: list[int]) -> Optional[torch.Tensor]:
+    def prompt_ids(self, inputs: ContextInputs) -> Optional[list[int]]:
         messages = self.context.build(inputs)
-        if messages is None:
-            return None
-        prompt_ids = self.lm.encode_messages(messages)
-        logits = self.lm.node_logits(prompt_ids, generated_ids)  # [T, V]
-        return torch.log_softmax(logits.float(), dim=-1)
+        return None if messages is None else self.lm.encode_messages(messages)

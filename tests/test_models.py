@@ -308,20 +308,31 @@ def test_node_logits_matches_per_position_forward(tiny_lm):
 
 
 def test_prompt_cache_is_exact_order_free_and_bounded(tiny_lm, monkeypatch):
-    """node_logits reads a prompt's keys/values from its cache: the same values
-    as a fresh forward whatever was read before, an untouched cached entry
-    after each read, and at most PROMPT_CACHE_ENTRIES prompts kept."""
+    """node_logits reads a prompt's whole blocks from the block cache: the
+    same values as a fresh forward, bit for bit the same whatever was read
+    before, a prompt sharing whole blocks with an earlier one encodes only the
+    blocks after them, and at most PROMPT_CACHE_ENTRIES entries are kept."""
     from gadiag_plugins.students import hf
 
+    monkeypatch.setattr(hf, "PROMPT_BLOCK", 4)
     prompt = tiny_lm.encode_messages(MESSAGES)
     other = tiny_lm.encode_messages([{"role": "user", "content": "What is 3 + 4?"}])
     first = tiny_lm.tokenizer.encode("12+7=19", add_special_tokens=False)
     second = tiny_lm.tokenizer.encode("19 is it", add_special_tokens=False)
+    blocks = (len(prompt) - 1) // 4
+    assert blocks >= 2
     tiny_lm._prompt_caches.clear()
     cold = tiny_lm.node_logits(prompt, first)
-    assert len(tiny_lm._prompt_caches) == 1
-    tiny_lm.node_logits(prompt, second)  # extends a copy, not the cached entry
+    assert len(tiny_lm._prompt_caches) == blocks  # one entry per block end
+    # A prompt that shares all but its last block's tokens adds one entry.
+    shared = prompt[: (blocks - 1) * 4] + other[-5:]
+    assert (len(shared) - 1) // 4 == blocks
+    tiny_lm.node_logits(shared, second)
+    assert len(tiny_lm._prompt_caches) == blocks + 1
     tiny_lm.node_logits(other, second)
+    assert torch.equal(tiny_lm.node_logits(prompt, first), cold)
+    tiny_lm._prompt_caches.clear()
+    tiny_lm.node_logits(shared, second)  # its blocks first, then the prompt's
     assert torch.equal(tiny_lm.node_logits(prompt, first), cold)
     with torch.no_grad():  # one forward of the whole sequence, no cache
         whole = tiny_lm.model(torch.tensor([prompt + first[:-1]]), use_cache=False).logits[0, -len(first):]
@@ -330,6 +341,32 @@ def test_prompt_cache_is_exact_order_free_and_bounded(tiny_lm, monkeypatch):
     for k in range(4):
         tiny_lm.node_logits(prompt + first[:k], second)
     assert len(tiny_lm._prompt_caches) == 2
+    tiny_lm._prompt_caches.clear()
+
+
+def test_node_logits_many_reads_every_prompt_in_one_pass(tiny_lm, monkeypatch):
+    """One rollout under prompts of different lengths (one shorter than a
+    block, so with no cached start): each row equals a forward of its whole
+    sequence, and a single node_logits call, up to float rounding."""
+    from gadiag_plugins.students import hf
+
+    monkeypatch.setattr(hf, "PROMPT_BLOCK", 4)
+    prompts = [
+        tiny_lm.encode_messages(MESSAGES),
+        tiny_lm.encode_messages([{"role": "user", "content": "What is 3 + 4? Think."}]),
+        tiny_lm.tokenizer.encode("Q: 1", add_special_tokens=False),
+    ]
+    assert len(prompts[2]) <= 4 and len(prompts[0]) != len(prompts[1])
+    generated = tiny_lm.tokenizer.encode("12+7=19 ok", add_special_tokens=False)
+    tiny_lm._prompt_caches.clear()
+    many = tiny_lm.node_logits_many(prompts, generated)
+    assert [tuple(m.shape) for m in many] == [(len(generated), tiny_lm.vocab_size)] * 3
+    with torch.no_grad():
+        for prompt, got in zip(prompts, many):
+            whole = tiny_lm.model(torch.tensor([prompt + generated[:-1]]), use_cache=False).logits[0, -len(generated):]
+            torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, tiny_lm.node_logits(prompt, generated), atol=1e-5, rtol=1e-5)
+    assert [tuple(m.shape) for m in tiny_lm.node_logits_many(prompts, [])] == [(0, tiny_lm.vocab_size)] * 3
     tiny_lm._prompt_caches.clear()
 
 

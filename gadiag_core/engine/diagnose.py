@@ -1,6 +1,7 @@
 """Diagnosing one student rollout, in five stages (DESIGN §1–2):
 
-    teacher_logprobs   each teacher's log p_T at every node          [T, V] per teacher
+    teacher_logprobs   the student's logits z and each teacher's log p_T at
+                       every node (one batched read per model)       [T, V] each
                        (a CandidateTeacher — another tokenizer — only prepares
                        here and names its preferred token at every node)
     estimate_ideal     the estimator's ideal vectors â* at the nodes it scores (a
@@ -27,7 +28,7 @@ import torch
 
 from gadiag_core.engine.components import Components, Rollout
 from gadiag_core.errors import UsageError
-from gadiag_core.interfaces import CandidateTeacher, ContextInputs, EstimationJob, IdealEstimate, Problem, RolloutView
+from gadiag_core.interfaces import CandidateTeacher, ContextInputs, EstimationJob, IdealEstimate, Problem, PromptedTeacher, RolloutView
 from gadiag_core.scoring import noise as noise_mod
 from gadiag_core.scoring.spaces import alignment_scores
 from gadiag_core.scoring.vectors import policy, rl_outcome_vector
@@ -75,8 +76,22 @@ class Prepared:
     handle: object
 
 
-def teacher_logprobs(c: Components, inputs: ContextInputs, generated_ids: list[int], width: int) -> tuple[dict, list[str]]:
-    """({teacher: [T, V] log p_T, or a Prepared candidate teacher}, [teachers skipped: no context])."""
+def _teacher_failed(name: str, problem_id: str, exc: Exception) -> UsageError:
+    """The plugin boundary: one line naming the teacher."""
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return UsageError(f"teacher {name!r} failed on question {problem_id!r}: {type(exc).__name__}{': ' + reason if reason else ''}")
+
+
+def teacher_logprobs(c: Components, inputs: ContextInputs, prompt_ids: list[int], generated_ids: list[int]) -> tuple[torch.Tensor, dict, list[str]]:
+    """(the student's logits z [T, V] float32, {teacher: [T, V] log p_T, or a
+    Prepared candidate teacher}, [teachers skipped: no context]).
+
+    Teachers are asked in their order (contexts draw on one shared rng), but
+    the model reads of PromptedTeachers wait until all prompts are known: one
+    node_logits_many call per model then reads the rollout under every prompt
+    on it, the student's first on its own model (which self-distillation
+    teachers share)."""
+    groups: dict[int, tuple] = {id(c.student): (c.student, [None], [prompt_ids])}  # model -> (lm, names, prompts)
     out, skipped = {}, []
     for name, teacher in c.teachers.items():
         if isinstance(teacher, CandidateTeacher):
@@ -87,22 +102,49 @@ def teacher_logprobs(c: Components, inputs: ContextInputs, generated_ids: list[i
                 out[name] = Prepared(teacher, handle)
             continue
         try:
-            logprobs = teacher.node_logprobs(inputs, generated_ids)
+            if isinstance(teacher, PromptedTeacher):
+                prompt = teacher.prompt_ids(inputs)
+                if prompt is not None:
+                    lm, names, prompts = groups.setdefault(id(teacher.lm), (teacher.lm, [], []))
+                    names.append(name)
+                    prompts.append(prompt)
+                    out[name] = None  # read below, in this order
+                    continue
+                logprobs = None
+            else:
+                logprobs = teacher.node_logprobs(inputs, generated_ids)
         except (UsageError, KeyboardInterrupt, MemoryError):
             raise
-        except Exception as exc:  # the plugin boundary: one line naming the teacher
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            raise UsageError(
-                f"teacher {name!r} failed on question {inputs.problem.id!r}: {type(exc).__name__}{': ' + reason if reason else ''}"
-            ) from None
+        except Exception as exc:
+            raise _teacher_failed(name, inputs.problem.id, exc) from None
         if logprobs is None:
             skipped.append(name)
+        else:
+            out[name] = logprobs
+    z = None
+    for lm, names, prompts in groups.values():
+        try:
+            read = lm.node_logits_many(prompts, generated_ids)
+        except (UsageError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            if names[0] is None:  # the student's own read
+                raise
+            raise _teacher_failed(",".join(names), inputs.problem.id, exc) from None
+        for name, logits in zip(names, read):
+            if name is None:
+                z = logits.float()
+            else:
+                out[name] = torch.log_softmax(logits.float(), dim=-1)
+    width = z.shape[-1]
+    for name, logprobs in list(out.items()):
+        if isinstance(logprobs, Prepared):
             continue
         logprobs = check_teacher_output(name, logprobs, len(generated_ids), width)
         if logprobs.shape[-1] != width:  # same tokenizer, padded differently
             logprobs = torch.log_softmax(logprobs[..., :width].float(), dim=-1)
         out[name] = logprobs.float()
-    return out, skipped
+    return z, out, skipped
 
 
 # ----------------------------------------------------------------------------
@@ -371,10 +413,8 @@ def diagnosis_steps(c: Components, rollout: Rollout, siblings: list[Rollout], pr
     rollout record)."""
     seed = derive_seed(config.run.seed, "diagnose", rollout.problem.id, rollout.index)
     gen = rollout.generated_ids
-    z = c.student.node_logits(rollout.prompt_ids, gen).float()  # [T, V]
-
     inputs = context_inputs(c, rollout, siblings, problems, seed)
-    logprobs, skipped = teacher_logprobs(c, inputs, gen, z.shape[-1])
+    z, logprobs, skipped = teacher_logprobs(c, inputs, rollout.prompt_ids, gen)  # z [T, V]
     job = estimation_job(c, rollout, z, logprobs, config.student.max_new_tokens, seed)
     estimate = yield from estimate_ideal(c, job)
     rollout_record = {

@@ -47,10 +47,13 @@ PROMPT_FORMATS = ("auto", "chat", "plain")
 # a question's prompt is read by each of its rollouts, and a context's by each
 # rollout it scores, so reading only the generated tokens after a cached prompt
 # spares most of a teacher forward (3-4x faster for a 160-token prompt and 40
-# generated tokens on SmolLM2-135M). 32 prompts of 300 tokens are ~200 MB of
-# SmolLM2 keys/values. 0 turns the cache off (benchmarks/pipeline.py
-# --prompt-cache-off measures what it saves).
-PROMPT_CACHE_ENTRIES = 32
+# generated tokens on SmolLM2-135M). Through the hand-written decoder the
+# cache holds blocks of PROMPT_BLOCK tokens (an entry per block end: the
+# contexts of one question share their first blocks). 64 entries of 64 tokens
+# are ~190 MB of SmolLM2 keys/values. 0 turns the cache off
+# (benchmarks/pipeline.py --prompt-cache-off measures what it saves).
+PROMPT_CACHE_ENTRIES = 64
+PROMPT_BLOCK = 32
 
 
 def render_plain(messages: list[dict]) -> str:
@@ -172,15 +175,16 @@ class HFCausalLM(Student):
         if not prompt_ids:
             raise ValueError("node_logits needs a non-empty prompt")
         # Row t is the logits at position len(prompt) + t - 1; the last generated
-        # token is never an input. The prompt but its last token comes from the
-        # cache (computed once per prompt); the forward reads [last prompt token]
-        # + generated[:-1] after a copy of it (the copy keeps the cached one
-        # clean for the next reader). Same values as one forward of the whole
-        # sequence up to float rounding (~3e-5 on the logits), and the same
-        # whatever order prompts are read in.
+        # token is never an input. Through the decoder the prompt's whole blocks
+        # come from the block cache (_prompt_blocks). Otherwise the prompt but
+        # its last token comes from the cache (computed once per prompt); the
+        # forward reads [last prompt token] + generated[:-1] after a copy of it
+        # (the copy keeps the cached one clean for the next reader). Same values
+        # as one forward of the whole sequence up to float rounding (~3e-5 on
+        # the logits), and the same whatever order prompts are read in.
         arch = self._decoder()
         if arch is not None:
-            return self._node_logits_fast(arch, prompt_ids, generated_ids)
+            return self._node_logits_rows(arch, [prompt_ids], generated_ids)[0]
         with torch.no_grad():
             cache = self._prompt_cache(prompt_ids[:-1]) if len(prompt_ids) > 1 else None
             ids = torch.tensor([prompt_ids[-1:] + generated_ids[:-1]] if cache is not None else [prompt_ids + generated_ids[:-1]], dtype=torch.long, device=self.device)
@@ -208,41 +212,80 @@ class HFCausalLM(Student):
         self._arch.prepare(self.model, prepared_pack(self.model))  # cheap once prepared
         return self._arch
 
-    def _node_logits_fast(self, arch, prompt_ids: list[int], generated_ids: list[int]) -> torch.Tensor:
-        """node_logits through the decoder: the prompt but its last token from
-        the cache (the decoder's own key/value layout), then one prefill pass of
-        [last prompt token] + generated[:-1] after it."""
-        T = len(generated_ids)
-        with torch.no_grad():
-            past = self._prompt_cache(prompt_ids[:-1], arch) if len(prompt_ids) > 1 else None
-            if past is None:
-                ids, cols = prompt_ids + generated_ids[:-1], torch.arange(T) + len(prompt_ids) - 1
-            else:
-                ids, cols = prompt_ids[-1:] + generated_ids[:-1], torch.arange(T)
-            tokens = torch.tensor([ids], dtype=torch.long, device=arch.device)
-            _, logits = arch.prefill(tokens, torch.zeros(T, dtype=torch.long, device=arch.device), cols.to(arch.device), past)
-        return logits.to(dtype=torch.float32, device="cpu")
+    def node_logits_many(self, prompts: list[list[int]], generated_ids: list[int]) -> list[torch.Tensor]:
+        """node_logits of one rollout under several prompts. Through the
+        decoder (Llama/Qwen-style models) it is one pass over all of them
+        (`_node_logits_rows`); otherwise one node_logits call each."""
+        arch = self._decoder()
+        if arch is None or not generated_ids:
+            return [self.node_logits(prompt, generated_ids) for prompt in prompts]
+        prompts = [[int(i) for i in prompt] for prompt in prompts]
+        if not all(prompts):
+            raise ValueError("node_logits needs a non-empty prompt")
+        return self._node_logits_rows(arch, prompts, [int(i) for i in generated_ids])
 
-    def _prompt_cache(self, ids: list[int], arch=None):
-        """The key/value cache of `ids` (a prompt without its last token), from
-        the PROMPT_CACHE_ENTRIES most recently used ones or computed now; None
-        when the model returns none."""
+    def _node_logits_rows(self, arch, prompts: list[list[int]], generated_ids: list[int]) -> list[torch.Tensor]:
+        """node_logits through the decoder, one row per prompt: each prompt's
+        whole blocks of PROMPT_BLOCK tokens (but its last token) come from the
+        block cache; its row reads the rest of the prompt and generated[:-1]
+        after them, and keeps the logits of its last T positions."""
+        T = len(generated_ids)
+        pasts, rows = [], []
+        with torch.no_grad():
+            for prompt in prompts:
+                start = (len(prompt) - 1) // PROMPT_BLOCK * PROMPT_BLOCK if PROMPT_CACHE_ENTRIES > 0 else 0
+                pasts.append(self._prompt_blocks(prompt[:start], arch) if start else None)
+                rows.append(prompt[start:] + generated_ids[:-1])
+            width = max(len(row) for row in rows)
+            ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long, device=arch.device)  # padding: never attended by a real position
+            keep_rows = torch.arange(len(rows), device=arch.device).repeat_interleave(T)
+            keep_cols = torch.cat([torch.arange(len(row) - T, len(row)) for row in rows]).to(arch.device)
+            logits = arch.prefill_rows(ids, [len(row) for row in rows], pasts, keep_rows, keep_cols)
+        return list(logits.to(dtype=torch.float32, device="cpu").split(T))
+
+    def _prompt_blocks(self, ids: list[int], arch):
+        """Per-layer keys/values [1, KV, n, d] of `ids` (n = len(ids), a
+        multiple of PROMPT_BLOCK), built block by block: block j is encoded
+        in one pass after blocks 0 … j − 1 and cached under the ids up to its
+        end. Every start is always computed the same way (the same passes
+        whatever was cached before), so the values never depend on the order
+        prompts are read in, and a prompt that shares whole blocks with an
+        earlier one (the chat template and the question, for most contexts of
+        a question) encodes only the blocks after them."""
+        end, past = len(ids), None
+        while end > 0:
+            past = self._prompt_caches.get((True, tuple(ids[:end])))
+            if past is not None:
+                self._prompt_caches.move_to_end((True, tuple(ids[:end])))
+                break
+            end -= PROMPT_BLOCK
+        empty = torch.zeros(0, dtype=torch.long, device=arch.device)
+        for stop in range(end + PROMPT_BLOCK, len(ids) + 1, PROMPT_BLOCK):
+            tokens = torch.tensor([ids[stop - PROMPT_BLOCK : stop]], dtype=torch.long, device=arch.device)
+            block, _ = arch.prefill(tokens, empty, empty, past)
+            past = block if past is None else [(torch.cat((pk, k), dim=-2), torch.cat((pv, v), dim=-2)) for (pk, pv), (k, v) in zip(past, block)]
+            self._prompt_caches[(True, tuple(ids[:stop]))] = past
+            while len(self._prompt_caches) > PROMPT_CACHE_ENTRIES:
+                self._prompt_caches.popitem(last=False)
+        return past
+
+    def _prompt_cache(self, ids: list[int]):
+        """The model's key/value cache of `ids` (a prompt without its last
+        token), from the PROMPT_CACHE_ENTRIES most recently used ones or
+        computed now; None when the model returns none (models without the
+        hand-written decoder; the decoder caches blocks: _prompt_blocks)."""
         if PROMPT_CACHE_ENTRIES <= 0:  # off: one forward of the whole sequence
             return None
-        key = (arch is not None, tuple(ids))  # the decoder's layout or the model's cache
+        key = (False, tuple(ids))
         cache = self._prompt_caches.get(key)
         if cache is not None:
             self._prompt_caches.move_to_end(key)
             return cache
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        if arch is not None:  # per layer (keys, values) [1, KV, C, d]
-            empty = torch.zeros(0, dtype=torch.long, device=self.device)
-            cache, _ = arch.prefill(tokens, empty, empty)
-        else:
-            kwargs = {"use_cache": True}
-            if self._logits_to_keep:
-                kwargs["logits_to_keep"] = 1
-            cache = returned_cache(self.model(input_ids=tokens, **kwargs))
+        kwargs = {"use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        cache = returned_cache(self.model(input_ids=tokens, **kwargs))
         if cache is None:
             return None
         self._prompt_caches[key] = cache
