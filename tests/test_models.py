@@ -448,3 +448,37 @@ def test_student_plugin(tiny_model_dir):
     assert isinstance(lm, HFCausalLM) and lm.temperature == 0.5 and lm.name == str(tiny_model_dir)
     with pytest.raises(UsageError, match="'top_k'"):
         load_registry().create("student", "hf", model=str(tiny_model_dir), top_k=5)
+
+
+def test_teacher_reads_batched_per_model(tiny_lm, monkeypatch):
+    """teacher_logprobs reads a rollout once per model: the student's prompt
+    and every prompted teacher's on it in one node_logits_many call; a teacher
+    without a context is skipped, not read; the values are the single reads'
+    up to float rounding."""
+    import random
+    from types import SimpleNamespace
+
+    from gadiag_core.engine.diagnose import teacher_logprobs
+    from gadiag_core.interfaces import ContextInputs, Problem, RolloutView
+    from gadiag_teachers.contexts import AnswerContext, SolutionContext
+    from gadiag_teachers.model_teacher import ContextTeacher
+
+    problem = Problem("p0", "What is 12 + 7?", "19", "12 + 7 = 19. The answer is 19.")
+    bare = Problem("p1", "What is 12 + 7?", "19", "")  # no solution: no `solution` context
+    messages = [{"role": "user", "content": problem.question}]
+    prompt = tiny_lm.encode_messages(messages)
+    generated = tiny_lm.tokenizer.encode("12+7=19", add_special_tokens=False)
+    calls = []
+    many = tiny_lm.node_logits_many
+    monkeypatch.setattr(tiny_lm, "node_logits_many", lambda prompts, gen: calls.append(len(prompts)) or many(prompts, gen))
+    teachers = {"solution": ContextTeacher("solution", tiny_lm, SolutionContext()), "answer": ContextTeacher("answer", tiny_lm, AnswerContext())}
+    c = SimpleNamespace(student=tiny_lm, teachers=teachers)
+    for p, read, skipped in ((problem, 3, []), (bare, 2, ["solution"])):
+        inputs = ContextInputs(None, p, messages, [p], [RolloutView(0, "", False)], 0, random.Random(0))
+        calls.clear()
+        z, logprobs, out_skipped = teacher_logprobs(c, inputs, prompt, generated)
+        assert calls == [read] and out_skipped == skipped and list(logprobs) == [n for n in teachers if n not in skipped]
+        torch.testing.assert_close(z, tiny_lm.node_logits(prompt, generated), atol=1e-5, rtol=1e-5)
+        for name, lp in logprobs.items():
+            single = teachers[name].node_logprobs(inputs, generated)
+            torch.testing.assert_close(lp, single, atol=1e-5, rtol=1e-5)
