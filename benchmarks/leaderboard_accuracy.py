@@ -28,11 +28,18 @@ estimator's counts): mean share of noise in E‖â‖² and the share of nodes
 where it is at least ‖a*‖² (gadiag_core.certify.leaderboard.node_noise).
 Table 5: the headline's per-token error at the default budget split into
 candidate truncation and the noise SIMEX leaves (error_parts).
-Numbers reported in README and issue 14 come from this script (10 seeds,
---budgets 5,10 with the default `blind` allocation; before it, the former
-default: --budgets 4,8 --set allocation=energy --tag energy; earlier 5 seeds,
---budgets 4,6 and 3 seeds, --budgets 4,6,8,16). Estimator variants run on
-the same exact runs with --set and --tag, e.g. the `relative` allocation:
+Numbers reported in README and issue 14 come from this script: the default
+estimator (blind allocation, 5 continuations, candidates up to 0.95 of π and
+at most 5, free_candidates 16, rollout_floor 12) with --seeds 10 --budgets
+5,10, then --seeds 5 (seeds 0–4) and --seeds 5 --first-seed 10 (a fresh
+set); the defaults before that change with --budgets 5 --set rollout_floor=0
+--set mass_threshold=0.9 --set max_candidates=4 --set free_candidates=0
+--tag old; the reference
+budget (1.00× tokens: 29,955 sampled tokens per run on seeds 0–9) is the
+default before blind allocation, --budgets 4 --set allocation=energy with
+those four --set options and --tag energy (earlier: 5 seeds, --budgets 4,6;
+3 seeds, --budgets 4,6,8,16). Estimator variants run on the same exact runs
+with --set and --tag, e.g. the `relative` allocation:
 --seeds 5 --budgets 4,6 --set allocation=relative --tag relative. Cost: each pipeline run takes
 ~15–30 s on one thread on an idle machine, ~1–2 min under load 3–6, so a fresh
 --seeds 5 --budgets 4,6,8,16 is ~25 pipeline runs; a rerun on the same --work
@@ -58,6 +65,7 @@ SPLITS = ("all", "correct", "incorrect")
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + seeds − 1 (e.g. 10 with --seeds 5: a fresh set)")
     p.add_argument("--budgets", default="5,10,20", help="continuations of `targeted`; the first is the default")
     p.add_argument("--questions", type=int, default=20)
     p.add_argument("--rollouts", type=int, default=10)
@@ -129,7 +137,8 @@ def main(argv=None) -> int:
     errors = {b: [] for b in budgets}  # budget -> [(seed, RowError)]
     tokens = {b: 0 for b in budgets}
     records = {b: ([], []) for b in budgets}  # budget -> (token records, exact token records), all seeds
-    for seed in range(args.seeds):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
         exact_tokens, exact_rollouts, _ = load(ensure_run(work, model, args, seed, "exact", None))
         for budget in budgets:
             tok, rol, summary = load(ensure_run(work, model, args, seed, "targeted", budget))
@@ -141,10 +150,10 @@ def main(argv=None) -> int:
 
     default = budgets[0]
     flat = [e for _, e in errors[default]]
-    results = {"seeds": args.seeds, "budgets": budgets, "sampled_tokens": tokens, "splits": {}, "agreement": {}}
+    results = {"seeds": list(seeds), "budgets": budgets, "sampled_tokens": tokens, "splits": {}, "agreement": {}}
     print(
         f"exact environment: toy task, {args.questions} questions × {args.rollouts} rollouts, horizon {args.max_new_tokens}, "
-        f"--teachers all, seeds 0–{args.seeds - 1}; default budget continuations={default} "
+        f"--teachers all, seeds {seeds[0]}–{seeds[-1]}; default budget continuations={default} "
         f"({tokens[default] / max(1, args.seeds):.0f} sampled tokens per run)"
     )
     labels = {

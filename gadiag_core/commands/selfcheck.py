@@ -67,7 +67,9 @@ behaviour: they catch a broken aggregate, not the residual errors issue 14
 describes (its targets, 0.02 / 0.01 / 90%, are met on the `toy` task's own
 teachers by benchmarks/leaderboard_accuracy.py, not on this environment's; pass
 them as flags to see by how much). Measured with the defaults (~2–4 min, one
-thread): `targeted` at its default continuations=5 (`blind` allocation) has
+thread; before issue 14's candidate change, i.e. with mass_threshold 0.9,
+max_candidates 4, free_candidates 0, rollout_floor 0): `targeted` at
+continuations=5 (`blind` allocation) has
 headline means (per-rollout cosines) with mean |Δ| 0.011–0.026 and signed
 bias +0.005 (± 0.002–0.005) per split (default environment), 0.018–0.034 and
 −0.007…+0.006 (horizon 5), interval coverage 94–100%; the token means beside

@@ -43,6 +43,8 @@ class UniformOptions(ScreenedOptions):
 
 @dataclass(frozen=True)
 class TargetedOptions(ScreenedOptions):
+    mass_threshold: float = option(0.95, "candidate tokens: the student's top tokens up to this mass …", min=0.0, max=1.0)
+    max_candidates: int = option(5, "… at most this many (at least 2), plus each teacher's pick and the sampled token", min=2, max=4096)
     continuations: int = option(5, "free continuations per backbone point, and the mean samples per candidate the allocation may reach", min=2, max=100_000)
     max_nodes: Optional[int] = option(6, "at most this many nodes scored per rollout (none: all pivotal)", min=1)
     backbone_points: int = option(4, "value backbone: about this many intervals before bisection", min=1, max=10_000)
@@ -61,6 +63,20 @@ class TargetedOptions(ScreenedOptions):
     )
     energy_floor: float = option(0.05, "allocation relative: added to a node's ‖a*‖² + noise, in units of its one-sample noise", min=0.0)
     direct_nodes: int = option(16, "rollouts with at most this many eligible nodes skip the backbone", min=0)
+    free_candidates: int = option(
+        16,
+        "also take as candidates up to this many tokens whose Q is exact without sampling, the most probable first "
+        "(EOS ids; every token at the length limit): a verifier call each, less truncation",
+        min=0,
+        max=100_000,
+    )
+    rollout_floor: int = option(
+        12,
+        "the allocation may reach continuations × max(the rollout's sampled candidates, this) samples (0: no floor): "
+        "each rollout's cosine counts once in the leaderboard, and a rollout with few candidates (a short one) would get few samples",
+        min=0,
+        max=100_000,
+    )
 
 
 @dataclass(frozen=True)

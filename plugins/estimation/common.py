@@ -273,6 +273,17 @@ class ContinuationPool:
         """Does a continuation from node t that takes k end at once?"""
         return int(k) in self.eos or t + 1 >= self.job.max_new_tokens
 
+    def terminal_tokens(self, t: int, probs_t: torch.Tensor, limit: int) -> list[int]:
+        """The `limit` most probable tokens at node t whose continuation ends at
+        once (every token at the length limit, else the EOS ids): their Q is
+        exact for one verifier call, without sampling."""
+        if limit <= 0:
+            return []
+        if t + 1 >= self.job.max_new_tokens:
+            return probs_t.topk(min(limit, probs_t.shape[-1])).indices.tolist()
+        eos = [k for k in self.eos if 0 <= k < probs_t.shape[-1]]
+        return sorted(eos, key=lambda k: (-float(probs_t[k]), k))[:limit]
+
     def exact_q(self, t: int, k: int) -> float:
         return self.verify_ids(self.y[:t] + [int(k)])
 
