@@ -605,4 +605,7 @@ def test_gumbel_noise_split_between_threads_is_the_same(monkeypatch):
     for threads in (2, 3):
         many = fill(threads)
         assert all(torch.equal(a, b) for a, b in zip(one, many))
+        with torch.inference_mode():  # as in the samplers: tensors made in inference mode
+            made_in = fill(threads)
+        assert all(torch.equal(a, b) for a, b in zip(one, made_in))
     assert not torch.equal(one[0], one[1])  # the streams moved on

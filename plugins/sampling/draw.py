@@ -36,7 +36,10 @@ import torch
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _fill(rows: list) -> None:
+def _fill(rows: list, inference: bool = False) -> None:
+    if inference:  # the caller's inference mode (thread-local): its tensors are written in it
+        with torch.inference_mode():
+            return _fill(rows)
     for row, generator in rows:
         row.uniform_(generator=generator)
     for row, _ in rows:  # u = 0 gives -inf (never drawn); u < 1 always, so scores stay finite above.
@@ -58,7 +61,8 @@ def gumbel_noise(generators: list[torch.Generator], width: int, out: torch.Tenso
         return noise
     if _POOL is None or _POOL._max_workers < parts:
         _POOL = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="gumbel")
-    list(_POOL.map(_fill, [pairs[i::parts] for i in range(parts)]))
+    inference = torch.is_inference_mode_enabled() or noise.is_inference()
+    list(_POOL.map(_fill, [pairs[i::parts] for i in range(parts)], [inference] * parts))
     return noise
 
 
