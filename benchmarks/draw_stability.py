@@ -52,35 +52,11 @@ def workload(lm) -> list[ContinuationRequest]:
     return requests
 
 
-def noise_timing(rows: int = 48, width: int = 49152, repeats: int = 20) -> None:
-    """gumbel_noise for `rows` rows of `width` on one torch thread and on all
-    cores (rows split between threads): time per call, and that the numbers
-    are the same."""
-    from gadiag_plugins.sampling.draw import gumbel_noise
-
-    results = {}
-    for threads in (1, os.cpu_count() or 1):
-        torch.set_num_threads(threads)
-        generators = [torch.Generator().manual_seed(i) for i in range(rows)]
-        out = torch.empty(rows, width)
-        first = gumbel_noise(generators, width, out).clone()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            gumbel_noise(generators, width, out)
-        results[threads] = ((time.perf_counter() - start) / repeats, first)
-    (t1, a), (tn, b) = results[1], results[max(results)]
-    print(f"gumbel_noise {rows} x {width}: {1e3 * t1:.1f} ms on 1 thread, {1e3 * tn:.1f} ms on {max(results)}; same numbers: {torch.equal(a, b)}")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--repeats", type=int, default=20, help="fresh uniforms / noise per recorded row")
-    p.add_argument("--noise-only", action="store_true", help="only time gumbel_noise on one thread and on all cores")
     args = p.parse_args()
-    if args.noise_only:
-        noise_timing()
-        return 0
     torch.set_num_threads(1)
     from gadiag_plugins.sampling.prefix import PrefixSampler
     from gadiag_plugins.students.hf import load_lm

@@ -589,23 +589,3 @@ def test_stream_greedy_is_generate(tiny_lm):
     while session.pending:
         got.update(session.run())
     assert [got[t] for t in order] == [generate_greedy(tiny_lm, r) for r in requests]
-
-
-def test_gumbel_noise_split_between_threads_is_the_same(monkeypatch):
-    """With several torch threads the rows' noise is filled by that many
-    threads, each row from its own generator: the same numbers as one thread,
-    and the generators end in the same states."""
-    def fill(threads):
-        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-        generators = [torch.Generator().manual_seed(i) for i in range(7)]
-        first = gumbel_noise(generators, 33)
-        return first, gumbel_noise(generators, 33)
-
-    one = fill(1)
-    for threads in (2, 3):
-        many = fill(threads)
-        assert all(torch.equal(a, b) for a, b in zip(one, many))
-        with torch.inference_mode():  # as in the samplers: tensors made in inference mode
-            made_in = fill(threads)
-        assert all(torch.equal(a, b) for a, b in zip(one, made_in))
-    assert not torch.equal(one[0], one[1])  # the streams moved on

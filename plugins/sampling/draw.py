@@ -23,47 +23,18 @@ can flip only when their gap is under the rounding of two logits: 0 of
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
-
-
-# Threads that fill the rows' noise: a generator is sequential (MT19937, ~130
-# M uniforms/s on this machine's cores), but the rows' generators are
-# independent, so halves of the batch fill at once, each from its own
-# generators: the same numbers. 48 rows × 49,152: 20.3 → 10.8 ms on 2 cores
-# (python benchmarks/draw_stability.py --noise-only).
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _fill(rows: list, inference: bool = False) -> None:
-    if inference:  # the caller's inference mode (thread-local): its tensors are written in it
-        with torch.inference_mode():
-            return _fill(rows)
-    for row, generator in rows:
-        row.uniform_(generator=generator)
-    for row, _ in rows:  # u = 0 gives -inf (never drawn); u < 1 always, so scores stay finite above.
-        row.log_().neg_().log_().neg_()
 
 
 def gumbel_noise(generators: list[torch.Generator], width: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Standard Gumbel noise [B, width] float32 on the CPU: row b is
     -log(-log(u)) of the next `width` uniforms of generators[b]. `out` (at
-    least [B, width]) is filled instead of a new tensor. With more than one
-    torch thread the rows are split between that many threads (each row's
-    numbers are its own generator's whatever the split)."""
-    global _POOL
+    least [B, width]) is filled instead of a new tensor."""
     noise = torch.empty((len(generators), width)) if out is None else out[: len(generators), :width]
-    pairs = list(zip(noise, generators))
-    parts = min(torch.get_num_threads(), len(pairs))
-    if parts <= 1:
-        _fill(pairs)
-        return noise
-    if _POOL is None or _POOL._max_workers < parts:
-        _POOL = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="gumbel")
-    inference = torch.is_inference_mode_enabled() or noise.is_inference()
-    list(_POOL.map(_fill, [pairs[i::parts] for i in range(parts)], [inference] * parts))
-    return noise
+    for row, generator in zip(noise, generators):
+        row.uniform_(generator=generator)
+    # u = 0 gives -inf (never drawn); u < 1 always, so scores stay finite above.
+    return noise.log_().neg_().log_().neg_()
 
 
 def draw(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
