@@ -44,6 +44,39 @@ with --set and --tag, e.g. the `relative` allocation:
 ~15–30 s on one thread on an idle machine, ~1–2 min under load 3–6, so a fresh
 --seeds 5 --budgets 4,6,8,16 is ~25 pipeline runs; a rerun on the same --work
 only recomputes the tables (~4 min).
+
+Variants (issue 14's candidate and floor change; why: plugins/estimation/
+targeted.py, "Rollout floor and candidates"). Headline mean |error| / signed
+bias per split (all, correct, incorrect), --seeds 10 --budgets 5 --set …
+--tag … (sampled tokens against the former default, energy at 4
+continuations with 0.9 / 4: 29,955 per run):
+    blind, 5, 0.9 / 4, no floor (the default before; 1.27×)
+        0.015 / +0.002   0.021 / +0.004   0.022 / −0.000
+    the same with rollout_floor 12 (1.31×)
+        0.013 / −0.000   0.021 / +0.005   0.019 / −0.005
+    blind, 4, 0.95 / 6, no floor (1.29×)
+        0.012 / +0.002   0.017 / −0.001   0.021 / +0.003
+    the same with rollout_floor 12 (1.31×)
+        0.012 / −0.000   0.017 / −0.001   0.021 / −0.000
+    blind, 5, 0.95 / 5, no floor (1.45×)
+        0.013 / +0.002   0.017 / −0.001   0.018 / +0.004
+    blind, 5, 0.95 / 5, rollout_floor 12 (1.48×)
+        0.012 / −0.001   0.017 / −0.001   0.017 / −0.001
+    the same with free_candidates 16 (1.48×; the default)
+        0.011 / −0.002   0.015 / −0.006   0.017 / +0.002
+On fresh seeds (--seeds 5 --first-seed 10) the last two give
+0.013 / −0.005   0.014 / −0.006   0.020 / −0.005 (incorrect 0.0201) and
+0.013 / −0.006   0.016 / −0.008   0.019 / −0.003, the default before
+0.013 / −0.002   0.018 / −0.005   0.023 / −0.000 (1.28×); on seeds 0–4
+the default gives 0.010 / +0.000   0.017 / −0.001   0.016 / +0.002.
+Intervals covered the exact value in 100% of entries in every case.
+The floor's own gain is largest where candidates are few (incorrect
+0.022 -> 0.019 at 0.9 / 4; 0.018 -> 0.017 and bias +0.004 -> −0.001 at
+0.95 / 5); free candidates lower the error of correct rollouts and move
+their bias from −0.001 to −0.006 (the truncation at the last node had
+pushed their cosines up); at 2× the continuations the means move by
+0.011 on average (−0.003 ± 0.001 signed), their intervals overlapping in
+100% of entries (--budgets 5,10: 1.94× the tokens).
 """
 
 from __future__ import annotations

@@ -341,6 +341,9 @@ def test_prompt_cache_is_exact_order_free_and_bounded(tiny_lm, monkeypatch):
     for k in range(4):
         tiny_lm.node_logits(prompt + first[:k], second)
     assert len(tiny_lm._prompt_caches) == 2
+    # The prompt's first blocks were pushed out, its last ones may be kept:
+    # the missing ones are encoded again, to the same values.
+    assert torch.equal(tiny_lm.node_logits(prompt, first), cold)
     tiny_lm._prompt_caches.clear()
 
 

@@ -108,12 +108,9 @@ correct, incorrect; sampled tokens against the former default):
       0.011 / −0.003   0.015 / +0.005   0.017 / −0.010
 At 2× the budget the errors hardly shrink: what remains is mostly candidate
 truncation, which no correction of the noise can remove. (Those were
-measured with the samplers' inverse-CDF draws. On the current Gumbel-max
-draws blind at 5 gives 0.015 / +0.002   0.021 / +0.004   0.022 / −0.000;
-the default is now 5 continuations with the candidates up to 0.95 of π, at
-most 5, `free_candidates` 16 and `rollout_floor` 12 (1.48×): 0.011 / −0.002
-0.015 / −0.006   0.017 / +0.002; plugins/estimation/targeted.py, "Rollout
-floor and candidates".)
+measured with the samplers' inverse-CDF draws; the current defaults and
+their figures: plugins/estimation/targeted.py, "Rollout floor and
+candidates".)
 
 Everything is a pure function on tensors with leading batch dimensions
 [..., C]; results are float64.

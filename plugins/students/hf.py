@@ -48,9 +48,9 @@ PROMPT_FORMATS = ("auto", "chat", "plain")
 # rollout it scores, so reading only the generated tokens after a cached prompt
 # spares most of a teacher forward (3-4x faster for a 160-token prompt and 40
 # generated tokens on SmolLM2-135M). Through the hand-written decoder the
-# cache holds blocks of PROMPT_BLOCK tokens (an entry per block end: the
-# contexts of one question share their first blocks). 64 entries of 64 tokens
-# are ~190 MB of SmolLM2 keys/values. 0 turns the cache off
+# cache holds blocks of PROMPT_BLOCK tokens (an entry per block, keyed by the
+# ids up to its end: the contexts of one question share their first blocks).
+# 64 blocks are ~94 MB of SmolLM2 keys/values. 0 turns the cache off
 # (benchmarks/pipeline.py --prompt-cache-off measures what it saves).
 PROMPT_CACHE_ENTRIES = 64
 PROMPT_BLOCK = 32
@@ -246,28 +246,31 @@ class HFCausalLM(Student):
     def _prompt_blocks(self, ids: list[int], arch):
         """Per-layer keys/values [1, KV, n, d] of `ids` (n = len(ids), a
         multiple of PROMPT_BLOCK), built block by block: block j is encoded
-        in one pass after blocks 0 … j − 1 and cached under the ids up to its
-        end. Every start is always computed the same way (the same passes
-        whatever was cached before), so the values never depend on the order
-        prompts are read in, and a prompt that shares whole blocks with an
-        earlier one (the chat template and the question, for most contexts of
-        a question) encodes only the blocks after them."""
-        end, past = len(ids), None
-        while end > 0:
-            past = self._prompt_caches.get((True, tuple(ids[:end])))
-            if past is not None:
-                self._prompt_caches.move_to_end((True, tuple(ids[:end])))
-                break
-            end -= PROMPT_BLOCK
+        in one pass after blocks 0 … j − 1 and cached (its own PROMPT_BLOCK
+        positions) under the ids up to its end. Every block is always
+        computed the same way (the same passes whatever was cached before),
+        so the values never depend on the order prompts are read in, and a
+        prompt that shares whole blocks with an earlier one (the chat
+        template and the question, for most contexts of a question) encodes
+        only the blocks after them."""
         empty = torch.zeros(0, dtype=torch.long, device=arch.device)
-        for stop in range(end + PROMPT_BLOCK, len(ids) + 1, PROMPT_BLOCK):
-            tokens = torch.tensor([ids[stop - PROMPT_BLOCK : stop]], dtype=torch.long, device=arch.device)
-            block, _ = arch.prefill(tokens, empty, empty, past)
-            past = block if past is None else [(torch.cat((pk, k), dim=-2), torch.cat((pv, v), dim=-2)) for (pk, pv), (k, v) in zip(past, block)]
-            self._prompt_caches[(True, tuple(ids[:stop]))] = past
-            while len(self._prompt_caches) > PROMPT_CACHE_ENTRIES:
-                self._prompt_caches.popitem(last=False)
-        return past
+        blocks, past, joined = [], None, 0  # past: the first `joined` blocks, concatenated
+        for stop in range(PROMPT_BLOCK, len(ids) + 1, PROMPT_BLOCK):
+            key = (True, tuple(ids[:stop]))
+            block = self._prompt_caches.get(key)
+            if block is not None:
+                self._prompt_caches.move_to_end(key)
+            else:
+                if joined < len(blocks):
+                    past, joined = _concat(blocks), len(blocks)
+                tokens = torch.tensor([ids[stop - PROMPT_BLOCK : stop]], dtype=torch.long, device=arch.device)
+                block, _ = arch.prefill(tokens, empty, empty, past)
+                self._prompt_caches[key] = block
+                past, joined = _concat([past, block]) if past is not None else block, joined + 1
+            blocks.append(block)
+        while len(self._prompt_caches) > PROMPT_CACHE_ENTRIES:
+            self._prompt_caches.popitem(last=False)
+        return past if joined == len(blocks) else _concat(blocks)
 
     def _prompt_cache(self, ids: list[int]):
         """The model's key/value cache of `ids` (a prompt without its last
@@ -292,6 +295,11 @@ class HFCausalLM(Student):
         while len(self._prompt_caches) > PROMPT_CACHE_ENTRIES:
             self._prompt_caches.popitem(last=False)
         return cache
+
+
+def _concat(parts: list) -> list:
+    """Per-layer (keys, values) of consecutive spans, joined along positions."""
+    return [(torch.cat([part[l][0] for part in parts], dim=-2), torch.cat([part[l][1] for part in parts], dim=-2)) for l in range(len(parts[0]))]
 
 
 def _tokenizer_of(x):
