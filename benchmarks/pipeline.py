@@ -91,9 +91,9 @@ def compare(seq: tuple, sched: tuple) -> str:
 
 def sampler_reference(config_path: str, threads: int, rows_per_step: float, repeats: int = 2) -> str:
     """benchmarks/sampler.py's prefix-sampler workload, run here in this
-    process after the pipelines (same load, same threads): 2, 3 and 4
-    prefixes (32, 48 and 64 requests, which decode ~26, ~41 and ~55 rows per
-    step), the best of `repeats` runs each, and its rate interpolated
+    process after the pipelines (same load, same threads): 2, 3, 4 and 5
+    prefixes (32, 48, 64 and 80 requests, which decode ~26, ~41, ~55 and ~70
+    rows per step), the best of `repeats` runs each, and its rate interpolated
     (linearly in rows per step) at the pipeline's own rows per step. Returns
     (a line for the table, that rate)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -110,7 +110,7 @@ def sampler_reference(config_path: str, threads: int, rows_per_step: float, repe
         torch.set_num_threads(threads)
     lm = load_lm(student.get("model", "smollm2-135m-instruct"))
     points = []
-    for prefixes in (2, 3, 4):
+    for prefixes in (2, 3, 4, 5):
         _, requests = build_workload(lm, prefixes, 4, 4, new_tokens, 0)
         best = None
         for _ in range(repeats):
@@ -120,11 +120,11 @@ def sampler_reference(config_path: str, threads: int, rows_per_step: float, repe
             best = rate if best is None or rate[1] > best[1] else best
         points.append(best)
     # Linear between the two points around rows_per_step (beyond them: the nearest two).
-    i = 0 if rows_per_step <= points[1][0] else 1
+    i = next((j for j in range(len(points) - 2) if rows_per_step <= points[j + 1][0]), len(points) - 2)
     (r0, v0), (r1, v1) = points[i], points[i + 1]
     at = v0 + (v1 - v0) * (rows_per_step - r0) / (r1 - r0) if r1 != r0 else v0
     seen = ", ".join(f"{v:.0f} tok/s at {r:.1f} rows/step" for r, v in points)
-    return f"sampler benchmark in this process (32, 48, 64 requests): {seen}; at the scheduler's {rows_per_step:.1f} rows/step {at:.0f} tok/s", at
+    return f"sampler benchmark in this process (32, 48, 64, 80 requests): {seen}; at the scheduler's {rows_per_step:.1f} rows/step {at:.0f} tok/s", at
 
 
 def main() -> int:
@@ -132,12 +132,16 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "harness.toml"))
     p.add_argument("--questions", type=int, help="override run.questions")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    p.add_argument("--in-flight", type=int, default=8, help="rollouts in flight for the scheduler (default 8, run.in_flight's default)")
+    p.add_argument("--in-flight", type=int, help="rollouts in flight for the scheduler (default: run.in_flight's default)")
     p.add_argument("--repeats", type=int, default=0, help="more sequential/scheduler pairs, for the drift")
     p.add_argument("--prompt-cache-off", action="store_true", help="also run the scheduler with node_logits' prompt cache off (first in each set)")
     p.add_argument("--reference-only", type=float, metavar="ROWS", help="only the sampler benchmark, at this many rows per step")
     p.add_argument("--no-reference", action="store_true", help="skip the sampler benchmark at the scheduler's rows per step (run after the pairs)")
     args = p.parse_args()
+    if args.in_flight is None:
+        from gadiag_core.config import RunOptions
+
+        args.in_flight = RunOptions().in_flight
     base = ["--config", args.config, "--threads", str(args.threads)]
     if args.questions:
         base += ["--questions", str(args.questions)]

@@ -13,9 +13,10 @@ load average before and after.
 
 The local executor runs on one thread too (`--threads 1`), so a worker and the
 local executor have the same compute and the ratios show what more workers
-buy. A wave (run.in_flight rollouts, default 8) is what a worker diagnoses:
-the default job's 24 rollouts are 3 waves, so 2 workers can at best halve the
-diagnosis (2 waves, then 1). Needs `pip install 'gadiag[ray]'`.
+buy. A wave (run.in_flight rollouts; here --in-flight, default 8, not the
+run's default of 16) is what a worker diagnoses: the default job's 24
+rollouts are 3 waves of 8, so 2 workers can at best halve the diagnosis (2
+waves, then 1); at 16 they would be 2 waves of 16 and 8. Needs `pip install 'gadiag[ray]'`.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "harness.toml"))
     p.add_argument("--questions", type=int, help="override run.questions (default: the config's)")
     p.add_argument("--workers", default="1,2", help="Ray worker counts to measure (default 1,2)")
+    p.add_argument("--in-flight", type=int, default=8, help="run.in_flight, the wave a worker takes (default 8: the default job's 24 rollouts in 3 waves)")
     args = p.parse_args()
     import ray
 
     counts = [int(x) for x in args.workers.split(",")]
-    base = ["--config", args.config, "--threads", "1"]
+    base = ["--config", args.config, "--threads", "1", "--set", f"run.in_flight={args.in_flight}"]
     if args.questions:
         base += ["--questions", str(args.questions)]
     print(f"load average before: {load_average()}  (cores: {os.cpu_count()})")

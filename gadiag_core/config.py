@@ -78,7 +78,7 @@ class RunOptions:
     space: str = option("logits", "gradient space: logits, hidden, params, params:last<N>, params:re:<regex>", check=_check_space)
     plugins_dirs: list[str] = option([], "folders of loose plugin files")
     threads: int = option(0, "torch CPU threads (0 = all cores)", min=0, max=1024)
-    in_flight: int = option(8, "rollouts diagnosed together, a new one starting as each finishes (on Ray: the wave an actor takes); their continuation requests share sampler calls (1 = one after another)", min=1, max=4096)
+    in_flight: int = option(16, "rollouts diagnosed together, a new one starting as each finishes (on Ray: the wave an actor takes); their continuation requests share sampler calls (1 = one after another)", min=1, max=4096)
     executor: str = option("local", "where waves are diagnosed: local (this process) or ray (actors on a Ray cluster; pip install 'gadiag[ray]')", choices=("local", "ray"))
     ray_address: str = option("", "Ray cluster to join: host:port, ray://host:port or auto (empty: $RAY_ADDRESS, else a local cluster started for the run)", check=_check_ray_address)
     workers: int = option(0, "Ray actors, each holding the student and teachers (0 = as many as the cluster's CPUs/GPUs hold)", min=0, max=4096)

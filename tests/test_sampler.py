@@ -589,3 +589,71 @@ def test_stream_greedy_is_generate(tiny_lm):
     while session.pending:
         got.update(session.run())
     assert [got[t] for t in order] == [generate_greedy(tiny_lm, r) for r in requests]
+
+
+def test_ragged_attention_matches_slot_space(tiny_lm, monkeypatch):
+    """The prefix part of attention taken root by root (a `ragged` layout, no
+    padding to the biggest root) gives slot space's logits at every step of a
+    stream: roots of different sizes, nested prefixes of one root, rows at
+    different steps, requests joining mid-way; and the same tokens."""
+    from gadiag_plugins.sampling import prefix, prefix_stream
+
+    requests = mixed_requests(tiny_lm, max_new=12)
+    calls = {"ragged": 0}
+    ragged = prefix._ragged_attention
+
+    def spy(*args):
+        calls["ragged"] += 1
+        return ragged(*args)
+
+    monkeypatch.setattr(prefix, "_ragged_attention", spy)
+
+    class Recording(PrefixSampler):
+        def _choose(self, logits, temperature, noise):
+            self.seen.append(logits.clone())
+            return super()._choose(logits, temperature, noise)
+
+    layout = prefix_stream._Layout
+
+    def run(ragged):
+        monkeypatch.setattr(prefix_stream, "_Layout", lambda *args, **kw: layout(*args, **{**kw, "ragged": ragged}))
+        monkeypatch.setattr(prefix, "_Layout", prefix_stream._Layout)
+        sampler = Recording(batch_size=16)
+        sampler.seen = []
+        session = sampler.open(tiny_lm, 1.0)
+        order, got = [], {}
+        for i in range(0, len(requests), 5):
+            order += session.add(requests[i : i + 5])
+            got.update(session.run())
+        while session.pending:
+            got.update(session.run())
+        return [got[t] for t in order], torch.cat(sampler.seen)
+
+    slot_tokens, slot_logits = run(False)
+    assert calls["ragged"] == 0
+    ragged_tokens, ragged_logits = run(True)
+    assert calls["ragged"] > 0
+    assert ragged_tokens == slot_tokens
+    torch.testing.assert_close(ragged_logits, slot_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_layout_goes_ragged_where_padding_costs_more():
+    """`_Layout` keeps slot space for roots of similar sizes and goes root by
+    root when one big root would pad every place to its rows; a ragged
+    layout's spans cover each root's rows once, in root order."""
+    from gadiag_plugins.sampling.prefix_stream import _Layout
+
+    balanced = _Layout([r % 4 for r in range(16)], [10] * 16, 10, 3, torch.float32, "cpu", n_roots=4)
+    assert not balanced.ragged
+    roots = [0] * 30 + [1 + i % 11 for i in range(70)]  # 100 rows, one root of 30, 16 places
+    plens = [8 if b % 3 == 0 else 10 for b in range(100)]
+    skewed = _Layout(roots, plens, 10, 3, torch.float32, "cpu", n_roots=16)
+    assert skewed.ragged and skewed.mask is None
+    order = skewed.order.tolist()
+    assert [roots[b] for b in order] == sorted(roots)
+    assert skewed.inverse[skewed.order].tolist() == list(range(100))
+    assert [(place, end - first) for place, first, end, _ in skewed.spans] == [(r, roots.count(r)) for r in range(12)]
+    assert all(used == 10 for *_, used in skewed.spans)
+    # hidden: key positions at or past each sorted row's own prefix, per query head
+    hidden = skewed.hidden[0].view(100, 3, 10)[:, 0]
+    assert hidden.tolist() == [[k >= plens[b] for k in range(10)] for b in order]

@@ -42,6 +42,67 @@ def _common_start(sequences: list) -> int:
     return n
 
 
+def _slot_attention(q, own, layout: _Layout, prefix_k, prefix_v, own_v) -> torch.Tensor:
+    """One layer's attention in "slot space" [R, KV, slots * rep, ·]: the
+    queries of each root's rows side by side, so the shared prefix is one
+    matmul for every root at once (roots padded to `layout.slots` rows). The
+    scores against each row's own generated keys are moved into the same space
+    and one softmax covers both parts.
+
+    q [B, KV, rep, d] queries, own [B, KV, rep, S] scores against the rows'
+    own keys (masked), prefix_k/prefix_v [R, KV, P, d], own_v [B, KV, S, d]
+    -> [B, KV, rep, d]."""
+    B, KV, rep, d = q.shape
+    R, slots, P = len(layout.roots), layout.slots, prefix_k.shape[-2]
+
+    def to_slots(x):  # [B, KV, rep, n] -> [R, KV, slots * rep, n]
+        if not layout.identity:
+            x = x.index_select(0, layout.gather)
+        return x.view(R, slots, KV, rep, x.shape[-1]).transpose(1, 2).reshape(R, KV, slots * rep, x.shape[-1])
+
+    def to_rows(x):  # [R, KV, slots * rep, n] -> [B, KV, rep, n]
+        x = x.reshape(R, KV, slots, rep, x.shape[-1]).transpose(1, 2).reshape(R * slots, KV, rep, x.shape[-1])
+        return x if layout.identity else x.index_select(0, layout.scatter)
+
+    pre = torch.matmul(to_slots(q), prefix_k.transpose(-1, -2))  # [R, KV, slots*rep, P]
+    if layout.mask is not None:
+        pre = pre + layout.mask
+    probs = torch.softmax(torch.cat((pre, to_slots(own)), dim=-1), dim=-1)
+    out = to_rows(torch.matmul(probs[..., :P], prefix_v))  # [B, KV, rep, d]
+    return out + torch.matmul(to_rows(probs[..., P:]), own_v)
+
+
+def _ragged_attention(q, own, layout: _Layout, prefix_k, prefix_v, own_v) -> torch.Tensor:
+    """One layer's attention with the prefix part root by root (a `ragged`
+    layout: no padding to the biggest root).
+
+    q [B, KV, rep, d] queries, own [B, KV, rep, S] scores against the rows'
+    own keys (masked), prefix_k/prefix_v [places, KV, P, d], own_v
+    [B, KV, S, d] -> [B, KV, rep, d].
+
+    In the rows' root order (layout.order) the queries of root r's rows are
+    one block [KV, n_r * rep, d], and softmax(q·K_r, q·K_own) · (V_r, V_own)
+    is one matmul per root for each part, the scores side by side
+    [KV, B * rep, P + S] under one softmax."""
+    B, KV, rep, d = q.shape
+    P, S = prefix_k.shape[-2], own.shape[-1]
+    q_sorted = q.index_select(0, layout.order).permute(1, 0, 2, 3).reshape(KV, B * rep, d)
+    scores = torch.empty((KV, B * rep, P + S), dtype=q.dtype, device=q.device)
+    for place, first, end, used in layout.spans:
+        a, b = first * rep, end * rep
+        scores[:, a:b, :used] = torch.matmul(q_sorted[:, a:b], prefix_k[place, :, :used].transpose(-1, -2))
+    scores[:, :, P:] = own.index_select(0, layout.order).permute(1, 0, 2, 3).reshape(KV, B * rep, S)
+    if layout.hidden is not None:
+        scores[:, :, :P].masked_fill_(layout.hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out_sorted = torch.empty((KV, B * rep, d), dtype=q.dtype, device=q.device)
+    for place, first, end, used in layout.spans:
+        a, b = first * rep, end * rep
+        torch.matmul(probs[:, a:b, :used], prefix_v[place, :, :used], out=out_sorted[:, a:b])
+    to_rows = lambda x: x.reshape(KV, B, rep, x.shape[-1]).permute(1, 0, 2, 3).index_select(0, layout.inverse)
+    return to_rows(out_sorted) + torch.matmul(to_rows(probs[:, :, P:]), own_v)
+
+
 class PrefixSampler(RolloutSampler):
     """Prefix-sharing batched sampler (the default).
 
@@ -270,13 +331,11 @@ class PrefixSampler(RolloutSampler):
         stream's rows joined at different times; own keys past a row's step
         are masked).
 
-        Attention runs in "slot space" [R, KV, slots * rep, ·]: the queries of
-        each root's rows side by side, so the shared prefix is one matmul per
-        root. The scores against each row's own generated keys are moved into
-        the same space and one softmax covers both parts."""
+        Attention is split into the shared prefix and each row's own generated
+        keys, under one softmax: in slot space (`_slot_attention`) or root by
+        root (`_ragged_attention`), as the layout says."""
         B = tokens.shape[0]
         H, KV, rep, d = arch.heads, arch.kv_heads, arch.rep, arch.head_dim
-        R, slots = len(layout.roots), layout.slots
         own_mask, at = None, s
         if not isinstance(s, int):
             top = int(s.max())
@@ -291,15 +350,6 @@ class PrefixSampler(RolloutSampler):
         h = arch.embed(tokens)  # [B, D]
         cos, sin = arch.rope_factors(h.unsqueeze(1), positions.unsqueeze(1))  # [B, 1, 1, d]
         cos, sin = cos[:, 0].to(arch.dtype), sin[:, 0].to(arch.dtype)  # [B, 1, d]
-
-        def to_slots(x):  # [B, KV, rep, n] -> [R, KV, slots * rep, n]
-            if not layout.identity:
-                x = x.index_select(0, layout.gather)
-            return x.view(R, slots, KV, rep, x.shape[-1]).transpose(1, 2).reshape(R, KV, slots * rep, x.shape[-1])
-
-        def to_rows(x):  # [R, KV, slots * rep, n] -> [B, KV, rep, n]
-            x = x.reshape(R, KV, slots, rep, x.shape[-1]).transpose(1, 2).reshape(R * slots, KV, rep, x.shape[-1])
-            return x if layout.identity else x.index_select(0, layout.scatter)
 
         for l, (norm1, qkv_linear, attn, o_linear, residual_mlp) in enumerate(arch.blocks):
             qkv = qkv_linear(norm1(h)).view(B, H + 2 * KV, d)
@@ -316,12 +366,8 @@ class PrefixSampler(RolloutSampler):
             own = torch.matmul(q, ok[:, :, :S].transpose(-1, -2))  # [B, KV, rep, S]
             if own_mask is not None:
                 own = own + own_mask
-            pre = torch.matmul(to_slots(q), prefix_k[l].transpose(-1, -2))  # [R, KV, slots*rep, P]
-            if layout.mask is not None:
-                pre = pre + layout.mask
-            probs = torch.softmax(torch.cat((pre, to_slots(own)), dim=-1), dim=-1)
-            out = to_rows(torch.matmul(probs[..., :P], prefix_v[l]))  # [B, KV, rep, d]
-            out = out + torch.matmul(to_rows(probs[..., P:]), ov[:, :, :S])
+            attend = _ragged_attention if layout.ragged else _slot_attention
+            out = attend(q, own, layout, prefix_k[l], prefix_v[l], ov[:, :, :S])  # [B, KV, rep, d]
             h = o_linear.plus(out.reshape(B, H * d), h)
             h = residual_mlp(h)
         return arch.head_logits(arch.norm(h))
