@@ -133,3 +133,27 @@ def test_records_do_not_depend_on_rollouts_in_flight(tmp_path, toy_model_dir, ca
     assert files[1] == files[12]
     assert speed[12]["sampler_calls"] < speed[1]["sampler_calls"]
     assert speed[12]["mean_batch_size"] > speed[1]["mean_batch_size"]
+
+
+def test_longest_rollouts_start_first(monkeypatch):
+    """diagnose_locally hands the scheduler the longest rollouts first (ties
+    in rollout order), each with its question's siblings."""
+    from types import SimpleNamespace
+
+    from gadiag_core.engine import pipeline
+
+    problem_a, problem_b = SimpleNamespace(id="a"), SimpleNamespace(id="b")
+    lengths = [(problem_a, 3), (problem_a, 9), (problem_b, 9), (problem_b, 1), (problem_a, 5)]
+    rollouts = [SimpleNamespace(problem=p, index=i, generated_ids=[0] * n) for i, (p, n) in enumerate(lengths)]
+    seen = {}
+
+    def capture(starts, session, in_flight, on_done):
+        seen["starts"] = list(starts)
+        seen["in_flight"] = in_flight
+
+    monkeypatch.setattr(pipeline, "run_interleaved", capture)
+    pipeline.diagnose_locally(None, rollouts[1:], rollouts, [], None, 3, None, None)
+    assert [r.index for r, _ in seen["starts"]] == [1, 2, 4, 3]
+    assert seen["in_flight"] == 3
+    start = dict((r.index, s) for r, s in seen["starts"])[4]
+    assert [r.index for r in start.args[2]] == [0, 1, 4]  # its siblings: question a's rollouts, all of them

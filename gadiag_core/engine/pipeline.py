@@ -203,7 +203,13 @@ def diagnose_locally(c: Components, units: list[Rollout], rollouts: list[Rollout
     by_question: dict[str, list[Rollout]] = {}
     for r in rollouts:
         by_question.setdefault(r.problem.id, []).append(r)
-    starts = [(r, partial(diagnosis_steps, c, r, by_question[r.problem.id], problems, config)) for r in units]
+    # Longest rollouts first (more nodes, longer continuations from early
+    # ones: the longest diagnoses), so the short ones fill the end of the run
+    # rather than leaving a few long ones to decode alone in small batches.
+    # The default job: 339 decoding steps of 74.1 rows instead of 396 of 63.4
+    # in rollout order. The records do not depend on the order.
+    order = sorted(units, key=lambda r: -len(r.generated_ids))
+    starts = [(r, partial(diagnosis_steps, c, r, by_question[r.problem.id], problems, config)) for r in order]
     run_interleaved(starts, session, in_flight, finished)
 
 
