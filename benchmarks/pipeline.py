@@ -91,8 +91,8 @@ def compare(seq: tuple, sched: tuple) -> str:
 
 def sampler_reference(config_path: str, threads: int, rows_per_step: float, repeats: int = 2) -> str:
     """benchmarks/sampler.py's prefix-sampler workload, run here in this
-    process after the pipelines (same load, same threads): 2, 3, 4 and 5
-    prefixes (32, 48, 64 and 80 requests, which decode ~26, ~41, ~55 and ~70
+    process after the pipelines (same load, same threads): 2 to 6 prefixes
+    (32, 48, 64, 80 and 96 requests, which decode ~26, ~41, ~56, ~70 and ~83
     rows per step), the best of `repeats` runs each, and its rate interpolated
     (linearly in rows per step) at the pipeline's own rows per step. Returns
     (a line for the table, that rate)."""
@@ -110,7 +110,7 @@ def sampler_reference(config_path: str, threads: int, rows_per_step: float, repe
         torch.set_num_threads(threads)
     lm = load_lm(student.get("model", "smollm2-135m-instruct"))
     points = []
-    for prefixes in (2, 3, 4, 5):
+    for prefixes in (2, 3, 4, 5, 6):
         _, requests = build_workload(lm, prefixes, 4, 4, new_tokens, 0)
         best = None
         for _ in range(repeats):
@@ -124,7 +124,7 @@ def sampler_reference(config_path: str, threads: int, rows_per_step: float, repe
     (r0, v0), (r1, v1) = points[i], points[i + 1]
     at = v0 + (v1 - v0) * (rows_per_step - r0) / (r1 - r0) if r1 != r0 else v0
     seen = ", ".join(f"{v:.0f} tok/s at {r:.1f} rows/step" for r, v in points)
-    return f"sampler benchmark in this process (32, 48, 64, 80 requests): {seen}; at the scheduler's {rows_per_step:.1f} rows/step {at:.0f} tok/s", at
+    return f"sampler benchmark in this process (32 to 96 requests): {seen}; at the scheduler's {rows_per_step:.1f} rows/step {at:.0f} tok/s", at
 
 
 def main() -> int:
