@@ -59,9 +59,9 @@ class _Layout:
     rows to it as well). Where that costs more than going root by root
     (RAGGED_PER_ROW, RAGGED_PER_ROOT), the layout is `ragged` instead: rows
     sorted by root (`order`, undone by `inverse`), each root with rows one
-    matmul over its own span of the sorted rows (`spans`: (place, first row, end row, keys used)), and
-    `hidden` [1, B * rep, width] the key positions past each sorted row's
-    prefix."""
+    matmul over its own span of them (`spans`: place, first row, end row,
+    keys used), and `hidden` [1, B * rep, width] the key positions past each
+    sorted row's prefix."""
 
     def __init__(self, root_of_row: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device, n_roots: Optional[int] = None,
                  ragged: Optional[bool] = None):
@@ -71,53 +71,62 @@ class _Layout:
         roots = sorted(set(root_of_row)) if n_roots is None else list(range(n_roots))
         self.roots = roots
         local = {r: i for i, r in enumerate(roots)}
+        root_index = [local[r] for r in root_of_row]  # each row's root, 0 … R − 1
         counts = [0] * len(roots)
-        slot_of_row = []
-        for r in root_of_row:
-            i = local[r]
-            slot_of_row.append((i, counts[i]))
+        for i in root_index:
             counts[i] += 1
         self.slots = max(counts)
-        n_slots = len(roots) * self.slots
+        if ragged is None:
+            padded = len(roots) * self.slots
+            ragged = padded > RAGGED_PER_ROW * len(root_of_row) + RAGGED_PER_ROOT * sum(1 for n in counts if n)
+        self.ragged = ragged
+        if ragged:
+            self._sort_by_root(root_index, counts, plen_of_row, width, rep, device)
+        else:
+            self._pack_slots(root_index, plen_of_row, width, rep, dtype, device)
+
+    def _pack_slots(self, root_index: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device) -> None:
+        """Slot space: `gather`, `scatter`, `identity` and `mask`."""
+        R, slots = len(self.roots), self.slots
+        n_slots = R * slots
         gather = [0] * n_slots
         lengths = [width] * n_slots  # empty slots see every key: no all-masked rows
         scatter = []
-        for row, ((i, j), plen) in enumerate(zip(slot_of_row, plen_of_row)):
-            flat = i * self.slots + j
+        taken = [0] * R
+        for row, (i, plen) in enumerate(zip(root_index, plen_of_row)):
+            flat = i * slots + taken[i]
+            taken[i] += 1
             gather[flat] = row
             lengths[flat] = plen
             scatter.append(flat)
         self.gather = torch.tensor(gather, dtype=torch.long, device=device)
         self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
-        self.identity = len(roots) == 1 and len(scatter) == n_slots  # one root, every slot a row: slot j is row j
-        B = len(root_of_row)
-        if ragged is None:
-            ragged = n_slots > RAGGED_PER_ROW * B + RAGGED_PER_ROOT * sum(1 for n in counts if n)
-        self.ragged = ragged
-        if self.ragged:
-            order = sorted(range(B), key=lambda b: local[root_of_row[b]])
-            self.order = torch.tensor(order, dtype=torch.long, device=device)
-            self.inverse = torch.empty_like(self.order)
-            self.inverse[self.order] = torch.arange(B, device=device)
-            self.spans = []
-            start = 0
-            for i, n in enumerate(counts):
-                if n:
-                    used = max(plen_of_row[b] for b in order[start : start + n])
-                    self.spans.append((i, start, start + n, used))
-                    start += n
-            plens = torch.tensor([plen_of_row[b] for b in order], device=device)
-            hidden = torch.arange(width, device=device).view(1, width) >= plens.view(B, 1)
-            self.hidden = hidden.repeat_interleave(rep, dim=0).unsqueeze(0) if bool(hidden.any()) else None
-            self.mask = None
-            return
+        self.identity = R == 1 and len(scatter) == n_slots  # one root, every slot a row: slot j is row j
         if all(n == width for n in lengths):
             self.mask = None
         else:
-            length = torch.tensor(lengths, device=device).view(len(roots), self.slots, 1, 1)
+            length = torch.tensor(lengths, device=device).view(R, slots, 1, 1)
             hidden = torch.arange(width, device=device).view(1, 1, 1, width) >= length
-            hidden = hidden.expand(len(roots), self.slots, rep, width).reshape(len(roots), 1, self.slots * rep, width)
+            hidden = hidden.expand(R, slots, rep, width).reshape(R, 1, slots * rep, width)
             self.mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+
+    def _sort_by_root(self, root_index: list[int], counts: list[int], plen_of_row: list[int], width: int, rep: int, device) -> None:
+        """Ragged: `order`, `inverse`, `spans` and `hidden`."""
+        B = len(root_index)
+        order = sorted(range(B), key=lambda b: root_index[b])
+        self.order = torch.tensor(order, dtype=torch.long, device=device)
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(B, device=device)
+        self.spans = []
+        start = 0
+        for i, n in enumerate(counts):
+            if n:
+                used = max(plen_of_row[b] for b in order[start : start + n])
+                self.spans.append((i, start, start + n, used))
+                start += n
+        plens = torch.tensor([plen_of_row[b] for b in order], device=device)
+        hidden = torch.arange(width, device=device).view(1, width) >= plens.view(B, 1)
+        self.hidden = hidden.repeat_interleave(rep, dim=0).unsqueeze(0) if bool(hidden.any()) else None
 
 
 class _Row:
