@@ -152,6 +152,7 @@ def test_two_ray_workers_write_the_local_files(ray_cluster, config_path, toy_mod
     throughput = json.loads((run_dir / "summary.json").read_text())["throughput"]
     assert (throughput["executor"], throughput["workers"]) == ("ray", 2) and throughput["worker_start_seconds"] > 0
     assert throughput["sampler_calls"] > 0  # the workers' sampler accounting reached the driver
+    assert sum(steps for _, steps, _ in throughput["decode_steps_by_rows"]) == throughput["decode_steps"] > 0
 
 
 @pytest.mark.parametrize("restarts", [2, 0], ids=["restarted-by-ray", "wave-moved-to-the-other-worker"])

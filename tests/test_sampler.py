@@ -591,22 +591,15 @@ def test_stream_greedy_is_generate(tiny_lm):
     assert [got[t] for t in order] == [generate_greedy(tiny_lm, r) for r in requests]
 
 
-def test_ragged_attention_matches_slot_space(tiny_lm, monkeypatch):
-    """The prefix part of attention taken root by root (a `ragged` layout, no
-    padding to the biggest root) gives slot space's logits at every step of a
-    stream: roots of different sizes, nested prefixes of one root, rows at
-    different steps, requests joining mid-way; and the same tokens."""
+def test_split_places_match_slot_space(tiny_lm, monkeypatch):
+    """The prefix part of attention over split places (pieces of at most a
+    few rows, keys and values gathered) gives slot space's logits at every
+    step of a stream: roots of different sizes, nested prefixes of one root,
+    rows at different steps, requests joining mid-way; and the same tokens."""
     from gadiag_plugins.sampling import prefix, prefix_stream
 
     requests = mixed_requests(tiny_lm, max_new=12)
-    calls = {"ragged": 0}
-    ragged = prefix._ragged_attention
-
-    def spy(*args):
-        calls["ragged"] += 1
-        return ragged(*args)
-
-    monkeypatch.setattr(prefix, "_ragged_attention", spy)
+    seen_modes = []
 
     class Recording(PrefixSampler):
         def _choose(self, logits, temperature, noise):
@@ -615,8 +608,15 @@ def test_ragged_attention_matches_slot_space(tiny_lm, monkeypatch):
 
     layout = prefix_stream._Layout
 
-    def run(ragged):
-        monkeypatch.setattr(prefix_stream, "_Layout", lambda *args, **kw: layout(*args, **{**kw, "ragged": ragged}))
+    def forced(mode, per_place):
+        def build(*args, **kw):
+            made = layout(*args, **{**kw, "mode": mode, "per_place": per_place})
+            seen_modes.append((made.mode, made.slots, made.places is not None))
+            return made
+        return build
+
+    def run(mode, per_place=None):
+        monkeypatch.setattr(prefix_stream, "_Layout", forced(mode, per_place))
         monkeypatch.setattr(prefix, "_Layout", prefix_stream._Layout)
         sampler = Recording(batch_size=16)
         sampler.seen = []
@@ -629,31 +629,44 @@ def test_ragged_attention_matches_slot_space(tiny_lm, monkeypatch):
             got.update(session.run())
         return [got[t] for t in order], torch.cat(sampler.seen)
 
-    slot_tokens, slot_logits = run(False)
-    assert calls["ragged"] == 0
-    ragged_tokens, ragged_logits = run(True)
-    assert calls["ragged"] > 0
-    assert ragged_tokens == slot_tokens
-    torch.testing.assert_close(ragged_logits, slot_logits, atol=1e-5, rtol=1e-5)
+    slot_tokens, slot_logits = run("slots")
+    assert {mode for mode, _, gathered in seen_modes} == {"slots"} and not any(g for *_, g in seen_modes)
+    for per_place in (1, 2, 3):
+        seen_modes.clear()
+        split_tokens, split_logits = run("split", per_place)
+        assert {(mode, slots, gathered) for mode, slots, gathered in seen_modes} == {("split", per_place, True)}
+        assert split_tokens == slot_tokens
+        torch.testing.assert_close(split_logits, slot_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_layout_goes_ragged_where_padding_costs_more():
-    """`_Layout` keeps slot space for roots of similar sizes and goes root by
-    root when one big root would pad every place to its rows; a ragged
-    layout's spans cover each root's rows once, in root order."""
+def test_layout_splits_places_where_padding_costs_more():
+    """`_Layout` keeps slot space over the stack for roots of similar sizes
+    and splits places when one big root would pad every place to its rows:
+    each root's rows fill its own pieces, in order, each piece at most
+    `slots` rows and gathering its root's place; the mask hides keys past
+    each row's prefix."""
     from gadiag_plugins.sampling.prefix_stream import _Layout
 
     balanced = _Layout([r % 4 for r in range(16)], [10] * 16, 10, 3, torch.float32, "cpu", n_roots=4)
-    assert not balanced.ragged
+    assert balanced.mode == "slots" and balanced.places is None and balanced.mask is None
+    assert (balanced.n_pieces, balanced.slots) == (4, 4)
     roots = [0] * 30 + [1 + i % 11 for i in range(70)]  # 100 rows, one root of 30, 16 places
     plens = [8 if b % 3 == 0 else 10 for b in range(100)]
     skewed = _Layout(roots, plens, 10, 3, torch.float32, "cpu", n_roots=16)
-    assert skewed.ragged and not hasattr(skewed, "gather")
-    order = skewed.order.tolist()
-    assert [roots[b] for b in order] == sorted(roots)
-    assert skewed.inverse[skewed.order].tolist() == list(range(100))
-    assert [(place, end - first) for place, first, end, _ in skewed.spans] == [(r, roots.count(r)) for r in range(12)]
-    assert all(used == 10 for *_, used in skewed.spans)
-    # hidden: key positions at or past each sorted row's own prefix, per query head
-    hidden = skewed.hidden[0].view(100, 3, 10)[:, 0]
-    assert hidden.tolist() == [[k >= plens[b] for k in range(10)] for b in order]
+    assert skewed.mode == "split"
+    size = skewed.slots
+    assert 1 < size < 30
+    counts = [roots.count(r) for r in range(16)]
+    places = skewed.places.tolist()
+    assert places == [r for r in range(16) for _ in range(-(-counts[r] // size))]  # places without rows: none
+    assert skewed.n_pieces == len(places)
+    scatter, gather = skewed.scatter.tolist(), skewed.gather.tolist()
+    assert len(set(scatter)) == 100 and all(gather[flat] == row for row, flat in enumerate(scatter))
+    assert all(places[flat // size] == roots[row] for row, flat in enumerate(scatter))  # each row in a piece of its root
+    # mask [pieces, 1, slots * rep, width]: -inf at key positions at or past a row's own prefix
+    mask = skewed.mask.view(len(places), size, 3, 10)[:, :, 0].reshape(-1, 10)
+    assert [[bool(x) for x in torch.isinf(mask[flat])] for flat in scatter] == [[k >= plens[b] for k in range(10)] for b in range(100)]
+    forced = _Layout(roots, plens, 10, 3, torch.float32, "cpu", n_roots=16, mode="slots")
+    assert forced.mode == "slots" and (forced.n_pieces, forced.slots) == (16, 30)
+    with pytest.raises(ValueError, match="unknown layout mode"):
+        _Layout(roots, plens, 10, 3, torch.float32, "cpu", n_roots=16, mode="ragged")

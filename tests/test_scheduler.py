@@ -96,6 +96,35 @@ def test_sampler_stats_accounting():
     out = stats.summary(wall_seconds=10.0)
     assert out["sampler_calls"] == 2 and out["sampler_requests"] == 3 and out["sampled_tokens"] == 9
     assert out["mean_batch_size"] == 1.5 and 0 <= out["share_outside_sampler"] <= 1
+    assert out["decode_steps_by_rows"] == []  # a sampler that does not count its steps
+
+
+def test_sampler_stats_steps_at_rows():
+    """Steps and seconds per batch size, and draws redone and their seconds,
+    are the sampler's counts during the run's calls only (a stream's counters
+    run on between calls)."""
+    from types import SimpleNamespace
+
+    class Counting:
+        steps_at_rows = {4: [1, 0.5]}  # before the run: not the run's
+        decode_steps, decoded_rows = 1, 4
+        redraw = SimpleNamespace(count=2, seconds=1.0)
+
+        def sample(self, lm, requests, temperature):
+            self.redraw.count, self.redraw.seconds = self.redraw.count + 1, self.redraw.seconds + 0.125
+            for rows in requests:
+                at = self.steps_at_rows.setdefault(rows, [0, 0.0])
+                at[0], at[1] = at[0] + 1, at[1] + 0.25
+                self.decode_steps, self.decoded_rows = self.decode_steps + 1, self.decoded_rows + rows
+            return [[1] * rows for rows in requests]
+
+    sampler, stats = Counting(), SamplerStats()
+    stats.sample(sampler, None, [4, 2, 4], 1.0)
+    stats.sample(sampler, None, [3], 1.0)
+    out = stats.summary(wall_seconds=10.0)
+    assert out["decode_steps_by_rows"] == [[2, 1, 0.25], [3, 1, 0.25], [4, 2, 0.5]]
+    assert out["decode_steps"] == 4 and out["mean_rows_per_step"] == 3.2
+    assert (out["redrawn_draws"], out["redraw_seconds"]) == (2, 0.25)
 
 
 TOY_CONFIG = """
@@ -133,6 +162,12 @@ def test_records_do_not_depend_on_rollouts_in_flight(tmp_path, toy_model_dir, ca
     assert files[1] == files[12]
     assert speed[12]["sampler_calls"] < speed[1]["sampler_calls"]
     assert speed[12]["mean_batch_size"] > speed[1]["mean_batch_size"]
+    for way in speed.values():  # summary.json's steps by batch size add up to its step counts
+        by_rows = way["decode_steps_by_rows"]
+        assert sum(steps for _, steps, _ in by_rows) == way["decode_steps"] > 0
+        assert round(sum(rows * steps for rows, steps, _ in by_rows) / way["decode_steps"], 1) == way["mean_rows_per_step"]
+        assert all(seconds > 0 for _, _, seconds in by_rows)
+    assert max(rows for rows, _, _ in speed[12]["decode_steps_by_rows"]) > max(rows for rows, _, _ in speed[1]["decode_steps_by_rows"])
 
 
 def test_longest_rollouts_start_first(monkeypatch):

@@ -20,7 +20,7 @@ tests/test_scheduler.py pins it.
 
 `SamplerStats` is the run's accounting: sampler calls (session runs),
 requests, sampled tokens, time inside the sampler, decoding steps and rows
-per step, redrawn draws.
+per step (and steps and seconds at each batch size), redrawn draws.
 """
 
 from __future__ import annotations
@@ -40,9 +40,12 @@ class SamplerStats:
     tokens: int = 0  # generated positions, forced first tokens included
     seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
-    redraws: int = 0  # close draws redone batch-free (samplers with a `redraw`)
+    redraws: int = 0  # close draws redone batch-free (samplers with a `redraw`), and their seconds
+    redraw_seconds: float = 0.0
     steps: int = 0  # decoding steps, and rows decoded over them (samplers that count them)
     row_steps: int = 0
+    # rows in a step -> [steps, seconds] (samplers with a `steps_at_rows`)
+    steps_at_rows: dict = field(default_factory=dict)
 
     def sample(self, sampler, lm, requests: list, temperature: float) -> list[list[int]]:
         """sampler.sample with the call counted and timed."""
@@ -60,7 +63,8 @@ class SamplerStats:
     @contextmanager
     def _counting(self, sampler):
         redraw = getattr(sampler, "redraw", None)
-        before = (getattr(redraw, "count", 0), getattr(sampler, "decode_steps", 0), getattr(sampler, "decoded_rows", 0))
+        before = (getattr(redraw, "count", 0), getattr(sampler, "decode_steps", 0), getattr(sampler, "decoded_rows", 0), getattr(redraw, "seconds", 0.0))
+        at_rows = {rows: list(at) for rows, at in getattr(sampler, "steps_at_rows", {}).items()}
         start = time.perf_counter()
         try:
             yield
@@ -68,8 +72,18 @@ class SamplerStats:
             self.seconds += time.perf_counter() - start
             self.calls += 1
             self.redraws += getattr(redraw, "count", 0) - before[0]
+            self.redraw_seconds += getattr(redraw, "seconds", 0.0) - before[3]
             self.steps += getattr(sampler, "decode_steps", 0) - before[1]
             self.row_steps += getattr(sampler, "decoded_rows", 0) - before[2]
+            for rows, (steps, seconds) in getattr(sampler, "steps_at_rows", {}).items():
+                was = at_rows.get(rows, (0, 0.0))
+                if steps > was[0]:
+                    self.add_steps_at_rows(rows, steps - was[0], seconds - was[1])
+
+    def add_steps_at_rows(self, rows: int, steps: int, seconds: float) -> None:
+        at = self.steps_at_rows.setdefault(int(rows), [0, 0.0])
+        at[0] += steps
+        at[1] += seconds
 
     def summary(self, wall_seconds: float) -> dict:
         return {
@@ -81,7 +95,10 @@ class SamplerStats:
             "mean_batch_size": round(self.requests / self.calls, 1) if self.calls else None,
             "decode_steps": self.steps,
             "mean_rows_per_step": round(self.row_steps / self.steps, 1) if self.steps else None,
+            # [rows in the step, steps, seconds], by rows: the batch sizes the run decoded at
+            "decode_steps_by_rows": [[rows, steps, round(seconds, 4)] for rows, (steps, seconds) in sorted(self.steps_at_rows.items())],
             "redrawn_draws": self.redraws,
+            "redraw_seconds": round(self.redraw_seconds, 3),
             "wall_seconds": round(wall_seconds, 3),
             "share_outside_sampler": round(1 - self.seconds / wall_seconds, 3) if wall_seconds > 0 else None,
         }

@@ -47,13 +47,17 @@ def _slot_attention(q, own, layout: _Layout, prefix_k, prefix_v, own_v) -> torch
     queries of each root's rows side by side, so the shared prefix is one
     matmul for every root at once (roots padded to `layout.slots` rows). The
     scores against each row's own generated keys are moved into the same space
-    and one softmax covers both parts.
+    and one softmax covers both parts. A split layout's pieces take their
+    places' keys and values first (`layout.places`: a big root's rows in
+    several pieces, places without rows left out).
 
     q [B, KV, rep, d] queries, own [B, KV, rep, S] scores against the rows'
-    own keys (masked), prefix_k/prefix_v [R, KV, P, d], own_v [B, KV, S, d]
-    -> [B, KV, rep, d]."""
+    own keys (masked), prefix_k/prefix_v [places, KV, P, d], own_v
+    [B, KV, S, d] -> [B, KV, rep, d]."""
     B, KV, rep, d = q.shape
-    R, slots, P = len(layout.roots), layout.slots, prefix_k.shape[-2]
+    R, slots, P = layout.n_pieces, layout.slots, prefix_k.shape[-2]
+    if layout.places is not None:  # [pieces, KV, P, d]
+        prefix_k, prefix_v = prefix_k.index_select(0, layout.places), prefix_v.index_select(0, layout.places)
 
     def to_slots(x):  # [B, KV, rep, n] -> [R, KV, slots * rep, n]
         if not layout.identity:
@@ -70,37 +74,6 @@ def _slot_attention(q, own, layout: _Layout, prefix_k, prefix_v, own_v) -> torch
     probs = torch.softmax(torch.cat((pre, to_slots(own)), dim=-1), dim=-1)
     out = to_rows(torch.matmul(probs[..., :P], prefix_v))  # [B, KV, rep, d]
     return out + torch.matmul(to_rows(probs[..., P:]), own_v)
-
-
-def _ragged_attention(q, own, layout: _Layout, prefix_k, prefix_v, own_v) -> torch.Tensor:
-    """One layer's attention with the prefix part root by root (a `ragged`
-    layout: no padding to the biggest root).
-
-    q [B, KV, rep, d] queries, own [B, KV, rep, S] scores against the rows'
-    own keys (masked), prefix_k/prefix_v [places, KV, P, d], own_v
-    [B, KV, S, d] -> [B, KV, rep, d].
-
-    In the rows' root order (layout.order) the queries of root r's rows are
-    one block [KV, n_r * rep, d], and softmax(q·K_r, q·K_own) · (V_r, V_own)
-    is one matmul per root for each part, the scores side by side
-    [KV, B * rep, P + S] under one softmax."""
-    B, KV, rep, d = q.shape
-    P, S = prefix_k.shape[-2], own.shape[-1]
-    q_sorted = q.index_select(0, layout.order).permute(1, 0, 2, 3).reshape(KV, B * rep, d)
-    scores = torch.empty((KV, B * rep, P + S), dtype=q.dtype, device=q.device)
-    for place, first, end, used in layout.spans:
-        a, b = first * rep, end * rep
-        scores[:, a:b, :used] = torch.matmul(q_sorted[:, a:b], prefix_k[place, :, :used].transpose(-1, -2))
-    scores[:, :, P:] = own.index_select(0, layout.order).permute(1, 0, 2, 3).reshape(KV, B * rep, S)
-    if layout.hidden is not None:
-        scores[:, :, :P].masked_fill_(layout.hidden, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out_sorted = torch.empty((KV, B * rep, d), dtype=q.dtype, device=q.device)
-    for place, first, end, used in layout.spans:
-        a, b = first * rep, end * rep
-        torch.matmul(probs[:, a:b, :used], prefix_v[place, :, :used], out=out_sorted[:, a:b])
-    to_rows = lambda x: x.reshape(KV, B, rep, x.shape[-1]).permute(1, 0, 2, 3).index_select(0, layout.inverse)
-    return to_rows(out_sorted) + torch.matmul(to_rows(probs[:, :, P:]), own_v)
 
 
 class PrefixSampler(RolloutSampler):
@@ -190,9 +163,12 @@ class PrefixSampler(RolloutSampler):
         # Counts every generated position, forced ones included (budget accounting).
         self.tokens_generated = 0
         self.prefix_tokens_encoded = 0
-        # Decoding steps and the rows decoded over them (accounting).
+        # Decoding steps and the rows decoded over them (accounting), and per
+        # batch size (rows in the step): [steps, seconds] (benchmarks/pipeline.py
+        # compares the run's step mix with benchmarks/sampler.py's).
         self.decode_steps = 0
         self.decoded_rows = 0
+        self.steps_at_rows: dict[int, list] = {}
 
     # -- entry points --------------------------------------------------------
 
@@ -332,8 +308,8 @@ class PrefixSampler(RolloutSampler):
         are masked).
 
         Attention is split into the shared prefix and each row's own generated
-        keys, under one softmax: in slot space (`_slot_attention`) or root by
-        root (`_ragged_attention`), as the layout says."""
+        keys, under one softmax, in slot space (`_slot_attention`: over the
+        whole prefix stack or over split places, as the layout says)."""
         B = tokens.shape[0]
         H, KV, rep, d = arch.heads, arch.kv_heads, arch.rep, arch.head_dim
         own_mask, at = None, s
@@ -366,8 +342,7 @@ class PrefixSampler(RolloutSampler):
             own = torch.matmul(q, ok[:, :, :S].transpose(-1, -2))  # [B, KV, rep, S]
             if own_mask is not None:
                 own = own + own_mask
-            attend = _ragged_attention if layout.ragged else _slot_attention
-            out = attend(q, own, layout, prefix_k[l], prefix_v[l], ov[:, :, :S])  # [B, KV, rep, d]
+            out = _slot_attention(q, own, layout, prefix_k[l], prefix_v[l], ov[:, :, :S])  # [B, KV, rep, d]
             h = o_linear.plus(out.reshape(B, H * d), h)
             h = residual_mlp(h)
         return arch.head_logits(arch.norm(h))

@@ -21,6 +21,7 @@ requests, whatever joins when (tests/test_sampler.py pins it).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from typing import Optional
 
@@ -31,16 +32,17 @@ from gadiag_plugins.sampling.draw import gumbel_noise
 from gadiag_plugins.sampling.threads import sampling_threads
 
 
-# The prefix part of attention goes root by root ("ragged") instead of
-# through slot space when slot space's padded rows (every place padded to the
-# biggest root) pass RAGGED_PER_ROW per row plus RAGGED_PER_ROOT per root with
-# rows. `python benchmarks/attention_layout.py` (SmolLM2-135M's shapes, 2
-# threads, ms per step): 100 rows over 12 of 16 places, at most 30 a root
-# (480 padded): 81-144 slot space, 33-39 ragged; 100 rows over 15 of 16
-# places of at most 7: 19-27 slot space, 35-48 ragged; the rule picked the
-# faster way in 9 of its 10 layouts (the tenth within 10%).
-RAGGED_PER_ROW = 1.5
-RAGGED_PER_ROOT = 5.0
+# A step's layout is the cheaper of two, by a cost in padded rows (one row of
+# slot space = 1): slot space over the whole prefix stack (every place padded
+# to the biggest root: places x slots) or over split places (the places with
+# rows, cut into pieces of at most `per_place` rows, their keys and values
+# gathered: pieces x per_place + SPLIT_PER_PLACE a piece).
+# `python benchmarks/attention_layout.py` (SmolLM2-135M's shapes, 2 threads,
+# ms per step, 12 layouts): 115 rows over 13 of 16 places, 30 in the
+# biggest: 130.7 over the stack, 25.1 split (pieces of 8); 100 rows spread
+# evenly (at most 7 a place): 21.6 over the stack, 25.5 split; the rule
+# picked the faster way, or one within 10% of it, in 12 of 12.
+SPLIT_PER_PLACE = 2.5
 
 
 class _Layout:
@@ -55,19 +57,19 @@ class _Layout:
     row's own prefix (nested prefixes of one root, and roots shorter than the
     longest).
 
-    Slot space pads every root to the rows of the biggest (and places without
-    rows to it as well). Where that costs more than going root by root
-    (RAGGED_PER_ROW, RAGGED_PER_ROOT), the layout is `ragged` instead: rows
-    sorted by root (`order`, undone by `inverse`), each root with rows one
-    matmul over its own span of them (`spans`: place, first row, end row,
-    keys used), and `hidden` [1, B * rep, width] the key positions past each
-    sorted row's prefix."""
+    Slot space over the stack (`mode` "slots") pads every place to the rows
+    of the biggest root (places without rows too). Where that costs more the
+    layout is "split": slot space over pieces of the places with rows, at
+    most `slots` rows a piece, `places` [pieces] the stack place of each
+    piece, whose keys and values the step gathers (a big root takes several
+    pieces, a root without rows none)."""
 
     def __init__(self, root_of_row: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device, n_roots: Optional[int] = None,
-                 ragged: Optional[bool] = None):
+                 mode: Optional[str] = None, per_place: Optional[int] = None):
         # n_roots: the roots are 0 … n_roots − 1, rows or not (a stream's
         # prefix caches keep their places; a root without rows costs empty slots).
-        # ragged: None picks the cheaper layout; True/False forces one.
+        # mode: None picks the cheaper layout; "slots" or "split" forces one
+        # (per_place: a split piece's rows; None picks).
         roots = sorted(set(root_of_row)) if n_roots is None else list(range(n_roots))
         self.roots = roots
         local = {r: i for i, r in enumerate(roots)}
@@ -75,58 +77,57 @@ class _Layout:
         counts = [0] * len(roots)
         for i in root_index:
             counts[i] += 1
-        self.slots = max(counts)
-        if ragged is None:
-            padded = len(roots) * self.slots
-            ragged = padded > RAGGED_PER_ROW * len(root_of_row) + RAGGED_PER_ROOT * sum(1 for n in counts if n)
-        self.ragged = ragged
-        if ragged:
-            self._sort_by_root(root_index, counts, plen_of_row, width, rep, device)
-        else:
-            self._pack_slots(root_index, plen_of_row, width, rep, dtype, device)
+        biggest = max(counts)
+        pieces = lambda size: sum(-(-n // size) for n in counts)  # noqa: E731
+        if per_place is None:  # the piece size with the fewest padded rows and gathers
+            per_place = min(range(1, biggest + 1), key=lambda size: pieces(size) * (size + SPLIT_PER_PLACE))
+        if mode is None:  # ties: slot space over the stack (nothing to gather)
+            mode = "split" if pieces(per_place) * (per_place + SPLIT_PER_PLACE) < len(roots) * biggest else "slots"
+        if mode not in ("slots", "split"):
+            raise ValueError(f"unknown layout mode {mode!r}: slots or split")
+        self.mode = mode
+        self.places = None
+        self._pack_slots(root_index, counts, plen_of_row, width, rep, dtype, device, per_place if mode == "split" else None)
 
-    def _pack_slots(self, root_index: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device) -> None:
-        """Slot space: `gather`, `scatter`, `identity` and `mask`."""
-        R, slots = len(self.roots), self.slots
-        n_slots = R * slots
+    def _pack_slots(self, root_index: list[int], counts: list[int], plen_of_row: list[int], width: int, rep: int, dtype, device,
+                    per_place: Optional[int]) -> None:
+        """Slot space: `slots`, `gather`, `scatter`, `identity` and `mask`;
+        with `per_place`, over split places (`places`)."""
+        if per_place is None:  # every place of the stack, padded to the biggest root
+            self.slots = max(counts)
+            first_piece = list(range(len(counts)))
+            n_pieces = len(counts)
+        else:
+            self.slots = per_place
+            first_piece, places = [], []
+            for i, n in enumerate(counts):
+                first_piece.append(len(places))
+                places += [self.roots[i]] * -(-n // per_place)
+            self.places = torch.tensor(places, dtype=torch.long, device=device)
+            n_pieces = len(places)
+        slots = self.slots
+        self.n_pieces = n_pieces
+        n_slots = n_pieces * slots
         gather = [0] * n_slots
         lengths = [width] * n_slots  # empty slots see every key: no all-masked rows
         scatter = []
-        taken = [0] * R
+        taken = [0] * len(counts)
         for row, (i, plen) in enumerate(zip(root_index, plen_of_row)):
-            flat = i * slots + taken[i]
+            flat = first_piece[i] * slots + taken[i]  # a root's pieces are next to each other
             taken[i] += 1
             gather[flat] = row
             lengths[flat] = plen
             scatter.append(flat)
         self.gather = torch.tensor(gather, dtype=torch.long, device=device)
         self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
-        self.identity = R == 1 and len(scatter) == n_slots  # one root, every slot a row: slot j is row j
+        self.identity = n_pieces == 1 and len(scatter) == n_slots  # one piece, every slot a row: slot j is row j
         if all(n == width for n in lengths):
             self.mask = None
         else:
-            length = torch.tensor(lengths, device=device).view(R, slots, 1, 1)
+            length = torch.tensor(lengths, device=device).view(n_pieces, slots, 1, 1)
             hidden = torch.arange(width, device=device).view(1, 1, 1, width) >= length
-            hidden = hidden.expand(R, slots, rep, width).reshape(R, 1, slots * rep, width)
+            hidden = hidden.expand(n_pieces, slots, rep, width).reshape(n_pieces, 1, slots * rep, width)
             self.mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
-
-    def _sort_by_root(self, root_index: list[int], counts: list[int], plen_of_row: list[int], width: int, rep: int, device) -> None:
-        """Ragged: `order`, `inverse`, `spans` and `hidden`."""
-        B = len(root_index)
-        order = sorted(range(B), key=lambda b: root_index[b])
-        self.order = torch.tensor(order, dtype=torch.long, device=device)
-        self.inverse = torch.empty_like(self.order)
-        self.inverse[self.order] = torch.arange(B, device=device)
-        self.spans = []
-        start = 0
-        for i, n in enumerate(counts):
-            if n:
-                used = max(plen_of_row[b] for b in order[start : start + n])
-                self.spans.append((i, start, start + n, used))
-                start += n
-        plens = torch.tensor([plen_of_row[b] for b in order], device=device)
-        hidden = torch.arange(width, device=device).view(1, width) >= plens.view(B, 1)
-        self.hidden = hidden.repeat_interleave(rep, dim=0).unsqueeze(0) if bool(hidden.any()) else None
 
 
 class _Row:
@@ -196,7 +197,11 @@ class PrefixStream(SamplerSession):
                 self._join()
                 if not self.rows:
                     break
+                rows, start = len(self.rows), time.perf_counter()
                 finished = self._step()
+                at = self.sampler.steps_at_rows.setdefault(rows, [0, 0.0])
+                at[0] += 1
+                at[1] += time.perf_counter() - start
             return finished
 
     # -- joining -------------------------------------------------------------
