@@ -118,7 +118,8 @@ def reference_pass(config_path: str, threads: int) -> list[tuple]:
     as its rows finish, so each covers batch sizes from its request count down
     to 1). Returns per request count (decoded rows, decoding steps, tokens,
     wall seconds, the sampler's steps_at_rows, draws redone and their seconds)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
     from sampler import build_workload, run_sampler
 
@@ -141,9 +142,10 @@ def reference_pass(config_path: str, threads: int) -> list[tuple]:
 
 
 def sampler_reference(passes: list[list[tuple]]) -> dict:
-    """The reference from passes of `reference_pass` (one before the pipelines
-    and one after, so it brackets them in time on a machine whose speed
-    drifts), each request count's figures summed over the passes:
+    """The reference from passes of `reference_pass` (one right before each
+    scheduler run and one at the end, so it brackets the scheduler in time on
+    a machine whose speed drifts), each request count's figures summed over
+    the passes:
 
     points:   [(mean rows per step, tokens/s)] per request count, by rows
     buckets:  [(mean rows, seconds per step)] over batch sizes 1-8, 9-16, ...
