@@ -508,6 +508,39 @@ def test_redraw_everywhere_is_the_batch_free_sampler(tiny_lm):
     assert BatchedSampler(redraw_margin=float("inf")).sample(tiny_lm, requests, 1.0) == expected
 
 
+@pytest.mark.parametrize("inference", [False, True])
+def test_gumbel_noise_split_over_two_threads_gives_the_same_values(monkeypatch, inference):
+    """Rows filled by a helper thread (torch on 2 threads, rows >=
+    SPLIT_NOISE_ROWS) get the values one thread gives, and leave their
+    generators where one thread does; a generator listed twice is read in
+    row order; an inference-mode `out` is written from the helper too."""
+    import gadiag_plugins.sampling.draw as draw_module
+
+    def fill(split: bool, seeds: list[int]):
+        monkeypatch.setattr(draw_module, "SPLIT_NOISE_ROWS", 2 if split else 10**6)
+        generators = {seed: torch.Generator().manual_seed(seed) for seed in seeds}
+        listed = [generators[seed] for seed in seeds]
+        with torch.inference_mode(inference):
+            out = torch.empty(len(seeds) + 3, 300)
+            first = draw_module.gumbel_noise(listed, 257, out).clone()
+            second = draw_module.gumbel_noise(listed, 257, out).clone()
+        return first, second, [g.get_state() for g in generators.values()]
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for seeds in ([11, 12, 13, 14, 15, 16, 17], [5, 6, 5, 7]):
+            one, split = fill(False, seeds), fill(True, seeds)
+            assert torch.equal(one[0], split[0]) and torch.equal(one[1], split[1])
+            assert all(torch.equal(a, b) for a, b in zip(one[2], split[2]))
+        # and they are the generators' own next uniforms, row by row
+        generator = torch.Generator().manual_seed(13)
+        u = torch.empty(257).uniform_(generator=generator)
+        torch.testing.assert_close(fill(True, [11, 12, 13, 14])[0][2], -(-u.log()).log())
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_gumbel_max_draws_follow_softmax():
     """Gumbel-max is an exact draw from softmax(logits / T): frequencies over
     40,000 rows match the probabilities within 4 standard errors; margins

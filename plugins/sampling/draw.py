@@ -23,18 +23,57 @@ can flip only when their gap is under the rounding of two logits: 0 of
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Optional
+
 import torch
+
+
+# Rows split over two Python threads from this many on. torch's uniform_
+# draws one value at a time and releases the GIL, so two threads fill two
+# rows at once; but right after a step's matmuls torch's own worker thread
+# spins on the other core for several ms, and a helper thread waits it out.
+# `python benchmarks/noise.py` (SmolLM2's 49,152 entries, 2 threads): no
+# gain up to 48 rows (0.91-0.97x), 1.33-1.56x from 64 to 128.
+SPLIT_NOISE_ROWS = 64
+_noise_helper: Optional[tuple[int, ThreadPoolExecutor]] = None  # (process id, one-thread pool)
 
 
 def gumbel_noise(generators: list[torch.Generator], width: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Standard Gumbel noise [B, width] float32 on the CPU: row b is
     -log(-log(u)) of the next `width` uniforms of generators[b]. `out` (at
-    least [B, width]) is filled instead of a new tensor."""
+    least [B, width]) is filled instead of a new tensor.
+
+    With torch on two threads or more and at least SPLIT_NOISE_ROWS rows, a
+    helper thread fills the second half of the rows while this one fills the
+    first: each generator is still read by one thread, in order (a generator
+    listed twice keeps all its rows on this thread), so the values are the
+    same either way (`python benchmarks/noise.py` times both)."""
+    global _noise_helper
     noise = torch.empty((len(generators), width)) if out is None else out[: len(generators), :width]
-    for row, generator in zip(noise, generators):
-        row.uniform_(generator=generator)
+    rows = len(generators)
+    if rows >= SPLIT_NOISE_ROWS and torch.get_num_threads() >= 2 and len({id(g) for g in generators}) == rows:
+        if _noise_helper is None or _noise_helper[0] != os.getpid():  # a forked child has no helper thread
+            _noise_helper = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="gadiag-noise"))
+        half = rows // 2
+        helper = _noise_helper[1].submit(_fill_uniform, noise, generators, half, rows, torch.is_inference_mode_enabled())
+        _fill_uniform(noise, generators, 0, half)
+        helper.result()
+    else:
+        _fill_uniform(noise, generators, 0, rows)
     # u = 0 gives -inf (never drawn); u < 1 always, so scores stay finite above.
     return noise.log_().neg_().log_().neg_()
+
+
+def _fill_uniform(noise: torch.Tensor, generators: list[torch.Generator], start: int, stop: int, inference: Optional[bool] = None) -> None:
+    """noise[b] <- the next uniforms of generators[b], for b in start … stop − 1
+    (`inference`: a helper thread takes the caller's inference mode, so it may
+    write an inference tensor)."""
+    with torch.inference_mode(inference) if inference is not None else nullcontext():
+        for b in range(start, stop):
+            noise[b].uniform_(generator=generators[b])
 
 
 def draw(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
