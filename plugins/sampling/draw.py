@@ -35,8 +35,9 @@ import torch
 # draws one value at a time and releases the GIL, so two threads fill two
 # rows at once; but right after a step's matmuls torch's own worker thread
 # spins on the other core for several ms, and a helper thread waits it out.
-# `python benchmarks/noise.py` (SmolLM2's 49,152 entries, 2 threads): no
-# gain up to 48 rows (0.91-0.97x), 1.33-1.56x from 64 to 128.
+# `python benchmarks/noise.py` (SmolLM2's 49,152 entries, 2 threads, two
+# runs): 0.87-1.07x up to 32 rows, 48 either way (0.91x, 1.67x), 1.33-1.78x
+# from 64 to 128.
 SPLIT_NOISE_ROWS = 64
 _noise_helper: Optional[tuple[int, ThreadPoolExecutor]] = None  # (process id, one-thread pool)
 
@@ -59,8 +60,10 @@ def gumbel_noise(generators: list[torch.Generator], width: int, out: torch.Tenso
             _noise_helper = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="gadiag-noise"))
         half = rows // 2
         helper = _noise_helper[1].submit(_fill_uniform, noise, generators, half, rows, torch.is_inference_mode_enabled())
-        _fill_uniform(noise, generators, 0, half)
-        helper.result()
+        try:
+            _fill_uniform(noise, generators, 0, half)
+        finally:
+            helper.result()  # never leave the helper writing after we return
     else:
         _fill_uniform(noise, generators, 0, rows)
     # u = 0 gives -inf (never drawn); u < 1 always, so scores stay finite above.
