@@ -97,5 +97,6 @@ def main(argv=None) -> None:
                   f"{layout.mode}{'' if layout.mode == fastest else f' ({fastest} is faster)'}")
     print(f"picked the faster layout, or one within 10% of it, in {right} of {len(LAYOUTS)}")
 
+
 if __name__ == "__main__":
     main()

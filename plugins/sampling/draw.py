@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -58,23 +57,23 @@ def gumbel_noise(generators: list[torch.Generator], width: int, out: torch.Tenso
     if rows >= SPLIT_NOISE_ROWS and torch.get_num_threads() >= 2 and len({id(g) for g in generators}) == rows:
         if _noise_helper is None or _noise_helper[0] != os.getpid():  # a forked child has no helper thread
             _noise_helper = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="gadiag-noise"))
-        half = rows // 2
-        helper = _noise_helper[1].submit(_fill_uniform, noise, generators, half, rows, torch.is_inference_mode_enabled())
+        half, inference = rows // 2, torch.is_inference_mode_enabled()
+        helper = _noise_helper[1].submit(_fill_uniform, noise, generators, half, rows, inference)
         try:
-            _fill_uniform(noise, generators, 0, half)
+            _fill_uniform(noise, generators, 0, half, inference)
         finally:
             helper.result()  # never leave the helper writing after we return
     else:
-        _fill_uniform(noise, generators, 0, rows)
+        _fill_uniform(noise, generators, 0, rows, torch.is_inference_mode_enabled())
     # u = 0 gives -inf (never drawn); u < 1 always, so scores stay finite above.
     return noise.log_().neg_().log_().neg_()
 
 
-def _fill_uniform(noise: torch.Tensor, generators: list[torch.Generator], start: int, stop: int, inference: Optional[bool] = None) -> None:
-    """noise[b] <- the next uniforms of generators[b], for b in start … stop − 1
-    (`inference`: a helper thread takes the caller's inference mode, so it may
-    write an inference tensor)."""
-    with torch.inference_mode(inference) if inference is not None else nullcontext():
+def _fill_uniform(noise: torch.Tensor, generators: list[torch.Generator], start: int, stop: int, inference: bool) -> None:
+    """noise[b] <- the next uniforms of generators[b], for b in start … stop − 1,
+    in the caller's inference mode (`inference`: a helper thread has its own,
+    and must match to write an inference tensor)."""
+    with torch.inference_mode(inference):
         for b in range(start, stop):
             noise[b].uniform_(generator=generators[b])
 
