@@ -48,14 +48,14 @@ def layout_rows(B: int, slots: int, used: int) -> list[int]:
     return rows[::2] + rows[1::2]  # rows of a root are not next to each other in a stream
 
 
-def time_step(attend, q, own, layout, prefix_k, prefix_v, own_v, layers: int, repeats: int) -> float:
+def time_step(attend, q, own, layout, prefix_kt, prefix_v, own_v, layers: int, repeats: int) -> float:
     """Milliseconds for `layers` calls (one decoding step), median of `repeats`."""
-    attend(q, own, layout, prefix_k, prefix_v, own_v)
+    attend(q, own, layout, prefix_kt, prefix_v, own_v)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(layers):
-            attend(q, own, layout, prefix_k, prefix_v, own_v)
+            attend(q, own, layout, prefix_kt, prefix_v, own_v)
         times.append((time.perf_counter() - start) * 1000)
     return sorted(times)[len(times) // 2]
 
@@ -82,13 +82,13 @@ def main(argv=None) -> None:
         for B, R, slots, used in LAYOUTS:
             roots = layout_rows(B, slots, used)
             plens = [P - 8 if b % 3 == 0 else P for b in range(B)]
-            prefix_k, prefix_v = torch.randn(R, KV, P, d), torch.randn(R, KV, P, d)
+            prefix_kt, prefix_v = torch.randn(R, KV, d, P), torch.randn(R, KV, P, d)  # keys stored transposed, as the stream does
             q, own, own_v = torch.randn(B, KV, rep, d), torch.randn(B, KV, rep, S), torch.randn(B, KV, S, d)
             layout = _Layout(roots, plens, P, rep, torch.float32, "cpu", n_roots=R)
             forced = {}
             for mode in ("slots", "split"):  # the same layout, both ways
                 fixed = _Layout(roots, plens, P, rep, torch.float32, "cpu", n_roots=R, mode=mode)
-                forced[mode] = time_step(_slot_attention, q, own, fixed, prefix_k, prefix_v, own_v, args.layers, args.repeats)
+                forced[mode] = time_step(_slot_attention, q, own, fixed, prefix_kt, prefix_v, own_v, args.layers, args.repeats)
                 if mode == "split":
                     piece = fixed.slots
             fastest = min(forced, key=forced.get)

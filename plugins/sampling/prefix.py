@@ -42,7 +42,7 @@ def _common_start(sequences: list) -> int:
     return n
 
 
-def _slot_attention(q, own, layout: _Layout, prefix_k, prefix_v, own_v) -> torch.Tensor:
+def _slot_attention(q, own, layout: _Layout, prefix_kt, prefix_v, own_v) -> torch.Tensor:
     """One layer's attention in "slot space" [R, KV, slots * rep, ·]: the
     queries of each root's rows side by side, so the shared prefix is one
     matmul for every root at once (roots padded to `layout.slots` rows). The
@@ -52,12 +52,14 @@ def _slot_attention(q, own, layout: _Layout, prefix_k, prefix_v, own_v) -> torch
     several pieces, places without rows left out).
 
     q [B, KV, rep, d] queries, own [B, KV, rep, S] scores against the rows'
-    own keys (masked), prefix_k/prefix_v [places, KV, P, d], own_v
+    own keys (masked), prefix_kt [places, KV, d, P] keys stored transposed (a
+    plain matmul with the queries: about half the time of one against a
+    transposed view at these shapes), prefix_v [places, KV, P, d], own_v
     [B, KV, S, d] -> [B, KV, rep, d]."""
     B, KV, rep, d = q.shape
-    R, slots, P = layout.n_pieces, layout.slots, prefix_k.shape[-2]
-    if layout.places is not None:  # [pieces, KV, P, d]
-        prefix_k, prefix_v = prefix_k.index_select(0, layout.places), prefix_v.index_select(0, layout.places)
+    R, slots, P = layout.n_pieces, layout.slots, prefix_v.shape[-2]
+    if layout.places is not None:  # [pieces, KV, d, P] and [pieces, KV, P, d]
+        prefix_kt, prefix_v = prefix_kt.index_select(0, layout.places), prefix_v.index_select(0, layout.places)
 
     def to_slots(x):  # [B, KV, rep, n] -> [R, KV, slots * rep, n]
         if not layout.identity:
@@ -68,7 +70,7 @@ def _slot_attention(q, own, layout: _Layout, prefix_k, prefix_v, own_v) -> torch
         x = x.reshape(R, KV, slots, rep, x.shape[-1]).transpose(1, 2).reshape(R * slots, KV, rep, x.shape[-1])
         return x if layout.identity else x.index_select(0, layout.scatter)
 
-    pre = torch.matmul(to_slots(q), prefix_k.transpose(-1, -2))  # [R, KV, slots*rep, P]
+    pre = torch.matmul(to_slots(q), prefix_kt)  # [R, KV, slots*rep, P]
     if layout.mask is not None:
         pre = pre + layout.mask
     probs = torch.softmax(torch.cat((pre, to_slots(own)), dim=-1), dim=-1)
@@ -276,7 +278,7 @@ class PrefixSampler(RolloutSampler):
 
     # -- decoding steps (driven by PrefixStream) ------------------------------
 
-    def _first_step(self, arch: _Arch, tokens, positions, keys: list[tuple], layout: _Layout, width: int, prefix_k, prefix_v, own_k, own_v, n_roots: Optional[int] = None) -> torch.Tensor:
+    def _first_step(self, arch: _Arch, tokens, positions, keys: list[tuple], layout: _Layout, width: int, prefix_kt, prefix_v, own_kt, own_v, n_roots: Optional[int] = None) -> torch.Tensor:
         """`_step` at s = 0 for rows whose (root, prefix length, first token)
         keys repeat: one row per distinct key goes through the model, and its
         keys, values and logits are copied to the rows that share its key."""
@@ -284,23 +286,24 @@ class PrefixSampler(RolloutSampler):
         for b, key in enumerate(keys):
             first_row.setdefault(key, b)
         if len(first_row) == len(keys):
-            return self._step(arch, tokens, positions, 0, layout, prefix_k, prefix_v, own_k, own_v)
+            return self._step(arch, tokens, positions, 0, layout, prefix_kt, prefix_v, own_kt, own_v)
         device = tokens.device
         place = {key: i for i, key in enumerate(first_row)}
         unique = torch.tensor(list(first_row.values()), dtype=torch.long, device=device)
         inverse = torch.tensor([place[key] for key in keys], dtype=torch.long, device=device)
         # Every root keeps at least one row, so the roots (and prefix caches) stay the same.
         sub_layout = _Layout([k[0] for k in first_row], [k[1] for k in first_row], width, arch.rep, arch.dtype, device, n_roots)
-        shape = (len(first_row), arch.kv_heads, 1, arch.head_dim)
-        unique_k = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
-        unique_v = [torch.empty(shape, dtype=arch.dtype, device=device) for _ in arch.layers]
-        logits = self._step(arch, tokens[unique], positions[unique], 0, sub_layout, prefix_k, prefix_v, unique_k, unique_v)
-        for caches, computed in ((own_k, unique_k), (own_v, unique_v)):
-            for cache, part in zip(caches, computed):
-                cache[:, :, 0] = part[inverse, :, 0]
+        n = len(first_row)
+        unique_kt = [torch.empty((n, arch.kv_heads, arch.head_dim, 1), dtype=arch.dtype, device=device) for _ in arch.layers]
+        unique_v = [torch.empty((n, arch.kv_heads, 1, arch.head_dim), dtype=arch.dtype, device=device) for _ in arch.layers]
+        logits = self._step(arch, tokens[unique], positions[unique], 0, sub_layout, prefix_kt, prefix_v, unique_kt, unique_v)
+        for cache, part in zip(own_kt, unique_kt):
+            cache[..., 0] = part[inverse, ..., 0]
+        for cache, part in zip(own_v, unique_v):
+            cache[:, :, 0] = part[inverse, :, 0]
         return logits[inverse]
 
-    def _step(self, arch: _Arch, tokens, positions, s, layout: _Layout, prefix_k, prefix_v, own_k, own_v) -> torch.Tensor:
+    def _step(self, arch: _Arch, tokens, positions, s, layout: _Layout, prefix_kt, prefix_v, own_kt, own_v) -> torch.Tensor:
         """One decoding step for the batch: feed token s of every row (at its
         own absolute position), return the next-token logits [B, V] float32.
         s: one step for all rows (int), or each row's own (LongTensor [B]: a
@@ -309,7 +312,10 @@ class PrefixSampler(RolloutSampler):
 
         Attention is split into the shared prefix and each row's own generated
         keys, under one softmax, in slot space (`_slot_attention`: over the
-        whole prefix stack or over split places, as the layout says)."""
+        whole prefix stack or over split places, as the layout says). Keys are
+        kept transposed: prefix_kt per layer [places, KV, d, P], own_kt
+        [B, KV, d, steps] (values [.., P or steps, d]), so both score
+        products are plain matmuls."""
         B = tokens.shape[0]
         H, KV, rep, d = arch.heads, arch.kv_heads, arch.rep, arch.head_dim
         own_mask, at = None, s
@@ -318,11 +324,11 @@ class PrefixSampler(RolloutSampler):
             if int(s.min()) == top:
                 at = s = top
             else:  # [B, 1, 1, S]: -inf past each row's own step
-                at = (torch.arange(B, device=s.device), slice(None), s)
+                at = (torch.arange(B, device=s.device), slice(None), s)  # own_kt: (rows, :, :, s)
                 own_mask = torch.zeros((B, 1, 1, top + 1), dtype=arch.dtype, device=s.device)
                 own_mask.masked_fill_(torch.arange(top + 1, device=s.device).view(1, 1, 1, -1) > s.view(B, 1, 1, 1), float("-inf"))
                 s = top
-        P, S = prefix_k[0].shape[-2], s + 1
+        S = s + 1
         h = arch.embed(tokens)  # [B, D]
         cos, sin = arch.rope_factors(h.unsqueeze(1), positions.unsqueeze(1))  # [B, 1, 1, d]
         cos, sin = cos[:, 0].to(arch.dtype), sin[:, 0].to(arch.dtype)  # [B, 1, d]
@@ -331,18 +337,18 @@ class PrefixSampler(RolloutSampler):
             qkv = qkv_linear(norm1(h)).view(B, H + 2 * KV, d)
             qk = arch.qk_rotary(attn, qkv, cos, sin)
             q = qk[:, :H].view(B, KV, rep, d)
-            ok, ov = own_k[l], own_v[l]
+            okt, ov = own_kt[l], own_v[l]
             if own_mask is None:
-                ok[:, :, at] = qk[:, H:]
+                okt[..., at] = qk[:, H:]
                 ov[:, :, at] = qkv[:, H + KV :]
             else:
-                ok[at] = qk[:, H:]
+                okt[at[0], :, :, at[2]] = qk[:, H:]
                 ov[at] = qkv[:, H + KV :]
 
-            own = torch.matmul(q, ok[:, :, :S].transpose(-1, -2))  # [B, KV, rep, S]
+            own = torch.matmul(q, okt[..., :S])  # [B, KV, rep, S]
             if own_mask is not None:
                 own = own + own_mask
-            out = _slot_attention(q, own, layout, prefix_k[l], prefix_v[l], ov[:, :, :S])  # [B, KV, rep, d]
+            out = _slot_attention(q, own, layout, prefix_kt[l], prefix_v[l], ov[:, :, :S])  # [B, KV, rep, d]
             h = o_linear.plus(out.reshape(B, H * d), h)
             h = residual_mlp(h)
         return arch.head_logits(arch.norm(h))

@@ -157,14 +157,16 @@ class PrefixStream(SamplerSession):
         self.tickets = 0
         self.rows: list[_Row] = []  # the batch, in order
         self.logits: Optional[torch.Tensor] = None  # [B, V]: each row's next draw
-        # Prefix stack: per layer keys/values [R, KV, W, d]; root r at place r.
-        self.prefix_k: list = []
+        # Prefix stack: per layer keys [R, KV, d, W] (transposed: the score
+        # product is a plain matmul) and values [R, KV, W, d]; root r at place r.
+        self.prefix_kt: list = []
         self.prefix_v: list = []
         self.root_rows: list[int] = []  # rows per place (0: free)
         self.root_length: list[int] = []
         self.free: list[int] = []
-        # Each row's own generated keys/values: per layer [capacity, KV, steps, d].
-        self.own_k: list = []
+        # Each row's own generated keys/values: per layer keys [capacity, KV,
+        # d, steps] (transposed, as above) and values [capacity, KV, steps, d].
+        self.own_kt: list = []
         self.own_v: list = []
         self.noise: Optional[torch.Tensor] = None
         # Encoded roots kept for later joins: tokens -> (keys/values, hidden states).
@@ -276,17 +278,17 @@ class PrefixStream(SamplerSession):
         """Put a root's keys/values ([KV, n, d] per layer) in a free place of
         the prefix stack (growing it when none is free or it is too narrow)."""
         arch = self.arch
-        width = self.prefix_k[0].shape[-2] if self.prefix_k else 0
+        width = self.prefix_v[0].shape[-2] if self.prefix_v else 0
         if not self.free or length > width:
             places = len(self.root_rows) + (0 if self.free else max(4, len(self.root_rows)))
             new_width = max(width, length)
-            shape = (places, arch.kv_heads, new_width, arch.head_dim)
-            for stack in (self.prefix_k, self.prefix_v):
+            for stack, transposed in ((self.prefix_kt, True), (self.prefix_v, False)):
+                shape = (places, arch.kv_heads) + ((arch.head_dim, new_width) if transposed else (new_width, arch.head_dim))
                 for l in range(len(arch.layers)):
                     grown = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
                     if stack and len(stack) > l:
                         old = stack[l]
-                        grown[: old.shape[0], :, : old.shape[2]] = old
+                        grown[: old.shape[0], :, : old.shape[2], : old.shape[3]] = old
                         stack[l] = grown
                     else:
                         stack.append(grown)
@@ -295,7 +297,7 @@ class PrefixStream(SamplerSession):
             self.root_length += [0] * (places - len(self.root_length))
         place = self.free.pop(0)
         for l, (k, v) in enumerate(kv):
-            self.prefix_k[l][place, :, :length] = k[:, :length]
+            self.prefix_kt[l][place, :, :, :length] = k[:, :length].transpose(-1, -2)
             self.prefix_v[l][place, :, :length] = v[:, :length]
         self.root_length[place] = length
         return place
@@ -304,16 +306,18 @@ class PrefixStream(SamplerSession):
         """Own key/value caches for at least `rows` rows of `steps` steps
         (zeros: a masked position must not hold NaN)."""
         arch = self.arch
-        have_rows = self.own_k[0].shape[0] if self.own_k else 0
-        have_steps = self.own_k[0].shape[2] if self.own_k else 0
+        have_rows = self.own_v[0].shape[0] if self.own_v else 0
+        have_steps = self.own_v[0].shape[2] if self.own_v else 0
         if rows <= have_rows and steps <= have_steps:
             return
-        shape = (max(rows, have_rows, min(self.sampler.batch_size, 2 * have_rows)), arch.kv_heads, max(steps, have_steps), arch.head_dim)
-        for caches in (self.own_k, self.own_v):
+        capacity, steps = max(rows, have_rows, min(self.sampler.batch_size, 2 * have_rows)), max(steps, have_steps)
+        for caches, transposed in ((self.own_kt, True), (self.own_v, False)):
+            shape = (capacity, arch.kv_heads) + ((arch.head_dim, steps) if transposed else (steps, arch.head_dim))
             for l in range(len(arch.layers)):
                 grown = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
                 if len(caches) > l:
-                    grown[: have_rows, :, :have_steps] = caches[l]
+                    old = caches[l]
+                    grown[: have_rows, :, : old.shape[2], : old.shape[3]] = old
                     caches[l] = grown
                 else:
                     caches.append(grown)
@@ -374,9 +378,10 @@ class PrefixStream(SamplerSession):
             dst = torch.tensor(holes, device=self.arch.device)
             src = torch.tensor(movers, device=self.arch.device)
             steps = max(len(self.rows[b].outputs) for b in movers)
-            for caches in (self.own_k, self.own_v):
-                for cache in caches:
-                    cache[dst, :, :steps] = cache[src, :, :steps]
+            for cache in self.own_kt:
+                cache[dst, ..., :steps] = cache[src, ..., :steps]
+            for cache in self.own_v:
+                cache[dst, :, :steps] = cache[src, :, :steps]
         self.rows = [self.rows[b] for b in order]
         if len(self.free) > 8 and len(self.free) > len(self.root_rows) - len(self.free):
             self._compact_roots()
@@ -388,9 +393,9 @@ class PrefixStream(SamplerSession):
         new_place = {p: i for i, p in enumerate(used)}
         pick = torch.tensor(used, dtype=torch.long, device=self.arch.device)
         width = max([self.root_length[p] for p in used] or [1])
-        for stack in (self.prefix_k, self.prefix_v):
-            for l in range(len(stack)):
-                stack[l] = stack[l].index_select(0, pick)[:, :, :width].contiguous()
+        for l in range(len(self.prefix_v)):
+            self.prefix_kt[l] = self.prefix_kt[l].index_select(0, pick)[..., :width].contiguous()
+            self.prefix_v[l] = self.prefix_v[l].index_select(0, pick)[:, :, :width].contiguous()
         self.root_rows = [self.root_rows[p] for p in used]
         self.root_length = [self.root_length[p] for p in used]
         self.free = []
@@ -404,9 +409,9 @@ class PrefixStream(SamplerSession):
         B = len(rows)
         steps = torch.tensor([len(row.outputs) - 1 for row in rows], dtype=torch.long, device=device)
         positions = torch.tensor([row.plen + len(row.outputs) - 1 for row in rows], dtype=torch.long, device=device)
-        width = self.prefix_k[0].shape[-2]
+        width = self.prefix_v[0].shape[-2]
         layout = _Layout([row.root for row in rows], [row.plen for row in rows], width, arch.rep, arch.dtype, device, n_roots=len(self.root_rows))
-        own_k = [cache[:B] for cache in self.own_k]
+        own_kt = [cache[:B] for cache in self.own_kt]
         own_v = [cache[:B] for cache in self.own_v]
         tokens = tokens.to(device)
         if all(len(row.outputs) == 1 for row in rows):
@@ -414,5 +419,5 @@ class PrefixStream(SamplerSession):
             # continuations of one forced candidate) share their first position.
             firsts = tokens.tolist()
             keys = [(row.root, row.plen, first) for row, first in zip(rows, firsts)]
-            return sampler._first_step(arch, tokens, positions, keys, layout, width, self.prefix_k, self.prefix_v, own_k, own_v, n_roots=len(self.root_rows))
-        return sampler._step(arch, tokens, positions, steps, layout, self.prefix_k, self.prefix_v, own_k, own_v)
+            return sampler._first_step(arch, tokens, positions, keys, layout, width, self.prefix_kt, self.prefix_v, own_kt, own_v, n_roots=len(self.root_rows))
+        return sampler._step(arch, tokens, positions, steps, layout, self.prefix_kt, self.prefix_v, own_kt, own_v)
