@@ -60,6 +60,28 @@ def time_step(attend, q, own, layout, prefix_kt, prefix_v, own_v, layers: int, r
     return sorted(times)[len(times) // 2]
 
 
+def score_products(KV: int, rep: int, d: int, P: int, layers: int, repeats: int) -> str:
+    """The prefix score product of a job-like split step (23 pieces of 6
+    rows), keys stored transposed (what the stream keeps) against a
+    transposed view of keys stored [.., P, d]: ms per step, median of
+    `repeats`, in turn. The two give the same numbers bit for bit."""
+    q = torch.randn(23, KV, 6 * rep, d)
+    keys = torch.randn(23, KV, P, d)
+    keys_t = keys.transpose(-1, -2).contiguous()
+    if not torch.equal(torch.matmul(q, keys_t), torch.matmul(q, keys.transpose(-1, -2))):
+        return "the two score products differ"
+    view, stored = [], []
+    for _ in range(repeats):
+        for way, times in ((lambda: torch.matmul(q, keys.transpose(-1, -2)), view), (lambda: torch.matmul(q, keys_t), stored)):
+            start = time.perf_counter()
+            for _ in range(layers):
+                way()
+            times.append((time.perf_counter() - start) * 1000)
+    median = lambda times: sorted(times)[len(times) // 2]  # noqa: E731
+    return (f"score product, 23 pieces x 6 rows, P {P}: {median(stored):.1f} ms a step with keys stored transposed, "
+            f"{median(view):.1f} against a transposed view (equal values)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -96,6 +118,8 @@ def main(argv=None) -> None:
             print(f"{B:4d} {R:3d} {slots:5d} {used:3d} {R * slots:6d} {forced['slots']:8.1f} {forced['split']:8.1f} {piece:5d}  "
                   f"{layout.mode}{'' if layout.mode == fastest else f' ({fastest} is faster)'}")
     print(f"picked the faster layout, or one within 10% of it, in {right} of {len(LAYOUTS)}")
+    with torch.inference_mode():
+        print(score_products(KV, rep, d, P, args.layers, args.repeats))
 
 
 if __name__ == "__main__":

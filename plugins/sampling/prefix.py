@@ -53,9 +53,9 @@ def _slot_attention(q, own, layout: _Layout, prefix_kt, prefix_v, own_v) -> torc
 
     q [B, KV, rep, d] queries, own [B, KV, rep, S] scores against the rows'
     own keys (masked), prefix_kt [places, KV, d, P] keys stored transposed (a
-    plain matmul with the queries: about half the time of one against a
-    transposed view at these shapes), prefix_v [places, KV, P, d], own_v
-    [B, KV, S, d] -> [B, KV, rep, d]."""
+    plain matmul with the queries, the same values: 3.6 ms a step against
+    6.2 for a transposed view, `python benchmarks/attention_layout.py`),
+    prefix_v [places, KV, P, d], own_v [B, KV, S, d] -> [B, KV, rep, d]."""
     B, KV, rep, d = q.shape
     R, slots, P = layout.n_pieces, layout.slots, prefix_v.shape[-2]
     if layout.places is not None:  # [pieces, KV, d, P] and [pieces, KV, P, d]

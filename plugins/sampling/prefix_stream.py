@@ -37,11 +37,12 @@ from gadiag_plugins.sampling.threads import sampling_threads
 # to the biggest root: places x slots) or over split places (the places with
 # rows, cut into pieces of at most `per_place` rows, their keys and values
 # gathered: pieces x per_place + SPLIT_PER_PLACE a piece).
-# `python benchmarks/attention_layout.py` (SmolLM2-135M's shapes, 2 threads,
-# ms per step, 12 layouts): 115 rows over 13 of 16 places, 30 in the
-# biggest: 130.7 over the stack, 25.1 split (pieces of 8); 100 rows spread
-# evenly (at most 7 a place): 21.6 over the stack, 25.5 split; the rule
-# picked the faster way, or one within 10% of it, in 12 of 12.
+# `python benchmarks/attention_layout.py --repeats 21` (SmolLM2-135M's
+# shapes, 2 threads, ms per step, 12 layouts): 115 rows over 13 of 16
+# places, 30 in the biggest: 126.2 over the stack, 27.9 split (pieces of 8);
+# 100 rows spread evenly (at most 7 a place): 25.4 over the stack, 29.1
+# split; the rule picked the faster way, or one within 10% of it, in 11 of
+# 12 (the twelfth: 12 rows, 8.8 split against 7.0).
 SPLIT_PER_PLACE = 2.5
 
 
