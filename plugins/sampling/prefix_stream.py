@@ -278,21 +278,10 @@ class PrefixStream(SamplerSession):
     def _place(self, kv: list, length: int) -> int:
         """Put a root's keys/values ([KV, n, d] per layer) in a free place of
         the prefix stack (growing it when none is free or it is too narrow)."""
-        arch = self.arch
         width = self.prefix_v[0].shape[-2] if self.prefix_v else 0
         if not self.free or length > width:
             places = len(self.root_rows) + (0 if self.free else max(4, len(self.root_rows)))
-            new_width = max(width, length)
-            for stack, transposed in ((self.prefix_kt, True), (self.prefix_v, False)):
-                shape = (places, arch.kv_heads) + ((arch.head_dim, new_width) if transposed else (new_width, arch.head_dim))
-                for l in range(len(arch.layers)):
-                    grown = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
-                    if stack and len(stack) > l:
-                        old = stack[l]
-                        grown[: old.shape[0], :, : old.shape[2], : old.shape[3]] = old
-                        stack[l] = grown
-                    else:
-                        stack.append(grown)
+            self._grow(self.prefix_kt, self.prefix_v, places, max(width, length))
             self.free += list(range(len(self.root_rows), places))
             self.root_rows += [0] * (places - len(self.root_rows))
             self.root_length += [0] * (places - len(self.root_length))
@@ -306,19 +295,22 @@ class PrefixStream(SamplerSession):
     def _grow_own(self, rows: int, steps: int) -> None:
         """Own key/value caches for at least `rows` rows of `steps` steps
         (zeros: a masked position must not hold NaN)."""
-        arch = self.arch
         have_rows = self.own_v[0].shape[0] if self.own_v else 0
         have_steps = self.own_v[0].shape[2] if self.own_v else 0
         if rows <= have_rows and steps <= have_steps:
             return
-        capacity, steps = max(rows, have_rows, min(self.sampler.batch_size, 2 * have_rows)), max(steps, have_steps)
-        for caches, transposed in ((self.own_kt, True), (self.own_v, False)):
-            shape = (capacity, arch.kv_heads) + ((arch.head_dim, steps) if transposed else (steps, arch.head_dim))
+        self._grow(self.own_kt, self.own_v, max(rows, have_rows, min(self.sampler.batch_size, 2 * have_rows)), max(steps, have_steps))
+
+    def _grow(self, keys_t: list, values: list, count: int, positions: int) -> None:
+        """Replace per-layer keys [n, KV, d, p] and values [n, KV, p, d] (or
+        start them) by zeros of `count` x `positions` holding the old ones."""
+        arch = self.arch
+        for caches, shape in ((keys_t, (count, arch.kv_heads, arch.head_dim, positions)), (values, (count, arch.kv_heads, positions, arch.head_dim))):
             for l in range(len(arch.layers)):
                 grown = torch.zeros(shape, dtype=arch.dtype, device=arch.device)
                 if len(caches) > l:
                     old = caches[l]
-                    grown[: have_rows, :, : old.shape[2], : old.shape[3]] = old
+                    grown[: old.shape[0], :, : old.shape[2], : old.shape[3]] = old
                     caches[l] = grown
                 else:
                     caches.append(grown)
