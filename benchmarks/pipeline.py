@@ -6,8 +6,9 @@ configuration and seed.
 
 Printed per way: wall time of the run, sampled tokens, time inside the
 sampler, effective sampler tokens/s, sampler calls (session runs) and
-requests per call, share of the time outside the sampler, redrawn draws, and
-the rows per decoding step (the batch the sampler actually decodes); then the
+requests per call, share of the time outside the sampler, redrawn draws, the
+rows per decoding step (the batch the sampler actually decodes), prefix
+tokens read by prefill passes and the seconds of a stream's joins; then the
 ratios (sequential / scheduler), whether the records (rollouts, tokens,
 questions) are byte-identical, how many rollouts' diagnoses differ, and the
 largest move of a headline mean against its interval. Differently batched
@@ -240,12 +241,12 @@ def main() -> int:
                 rows.append((pair, label, stats, wall, records, means))
                 print(f"  pair {pair} {label}: {wall:.1f} s", file=sys.stderr)
     print(f"load average after:  {load_average()}")
-    header = f"{'pair':>4}  {'way':<16} {'wall s':>8} {'tokens':>7} {'sampler s':>9} {'tok/s':>7} {'calls':>6} {'batch':>6} {'outside':>8} {'redraws':>7} {'redraw s':>8} {'rows/step':>9}"
+    header = f"{'pair':>4}  {'way':<16} {'wall s':>8} {'tokens':>7} {'sampler s':>9} {'tok/s':>7} {'calls':>6} {'batch':>6} {'outside':>8} {'redraws':>7} {'redraw s':>8} {'rows/step':>9} {'prefill tok':>11} {'join s':>6}"
     print(header)
     for pair, label, s, wall, _, _ in rows:
         print(
             f"{pair:>4}  {label:<16} {wall:8.1f} {s['sampled_tokens']:7d} {s['sampler_seconds']:9.1f} "
-            f"{s['tokens_per_second'] or 0:7.0f} {s['sampler_calls']:6d} {s['mean_batch_size'] or 0:6.1f} {100 * (s['share_outside_sampler'] or 0):7.0f}% {s.get('redrawn_draws', 0):7d} {s.get('redraw_seconds', 0):8.1f} {s.get('mean_rows_per_step') or 0:9.1f}"
+            f"{s['tokens_per_second'] or 0:7.0f} {s['sampler_calls']:6d} {s['mean_batch_size'] or 0:6.1f} {100 * (s['share_outside_sampler'] or 0):7.0f}% {s.get('redrawn_draws', 0):7d} {s.get('redraw_seconds', 0):8.1f} {s.get('mean_rows_per_step') or 0:9.1f} {s.get('prefix_tokens_encoded', 0):11d} {s.get('join_seconds', 0):6.1f}"
         )
     for pair in range(1 + args.repeats):
         *uncached, seq, sched = [r for r in rows if r[0] == pair]

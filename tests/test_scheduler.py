@@ -100,18 +100,20 @@ def test_sampler_stats_accounting():
 
 
 def test_sampler_stats_steps_at_rows():
-    """Steps and seconds per batch size, and draws redone and their seconds,
-    are the sampler's counts during the run's calls only (a stream's counters
-    run on between calls)."""
+    """Steps and seconds per batch size, draws redone and their seconds, and
+    prefix tokens encoded and seconds in joins, are the sampler's counts
+    during the run's calls only (a stream's counters run on between calls)."""
     from types import SimpleNamespace
 
     class Counting:
         steps_at_rows = {4: [1, 0.5]}  # before the run: not the run's
         decode_steps, decoded_rows = 1, 4
         redraw = SimpleNamespace(count=2, seconds=1.0)
+        prefix_tokens_encoded, join_seconds = 7, 2.0
 
         def sample(self, lm, requests, temperature):
             self.redraw.count, self.redraw.seconds = self.redraw.count + 1, self.redraw.seconds + 0.125
+            self.prefix_tokens_encoded, self.join_seconds = self.prefix_tokens_encoded + 10 * len(requests), self.join_seconds + 0.5
             for rows in requests:
                 at = self.steps_at_rows.setdefault(rows, [0, 0.0])
                 at[0], at[1] = at[0] + 1, at[1] + 0.25
@@ -125,6 +127,7 @@ def test_sampler_stats_steps_at_rows():
     assert out["decode_steps_by_rows"] == [[2, 1, 0.25], [3, 1, 0.25], [4, 2, 0.5]]
     assert out["decode_steps"] == 4 and out["mean_rows_per_step"] == 3.2
     assert (out["redrawn_draws"], out["redraw_seconds"]) == (2, 0.25)
+    assert (out["prefix_tokens_encoded"], out["join_seconds"]) == (40, 1.0)
 
 
 TOY_CONFIG = """

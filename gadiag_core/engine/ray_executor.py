@@ -269,6 +269,8 @@ def add_stats(stats, part: dict) -> None:
     stats.redraw_seconds += part.get("redraw_seconds", 0.0)
     stats.steps += part.get("steps", 0)
     stats.row_steps += part.get("row_steps", 0)
+    stats.prefix_tokens += part.get("prefix_tokens", 0)
+    stats.join_seconds += part.get("join_seconds", 0.0)
     for rows, steps, seconds in part.get("steps_at_rows", []):
         stats.add_steps_at_rows(rows, steps, seconds)
 
@@ -344,7 +346,8 @@ class DiagnosisWorker:
         diagnose_locally(c, self.rollouts[start:stop], self.rollouts, self.problems, self.config, stop - start, session,
                          lambda r, result: results.__setitem__(self.position[(r.problem.id, r.index)], result))
         part = {"calls": stats.calls, "requests": stats.requests, "tokens": stats.tokens, "seconds": stats.seconds, "batch_sizes": stats.batch_sizes, "redraws": stats.redraws,
-                "redraw_seconds": stats.redraw_seconds, "steps": stats.steps, "row_steps": stats.row_steps, "steps_at_rows": [[rows, *at] for rows, at in stats.steps_at_rows.items()]}
+                "redraw_seconds": stats.redraw_seconds, "steps": stats.steps, "row_steps": stats.row_steps,
+                "prefix_tokens": stats.prefix_tokens, "join_seconds": stats.join_seconds, "steps_at_rows": [[rows, *at] for rows, at in stats.steps_at_rows.items()]}
         return {"results": sorted(results.items()), "stats": part}
 
 

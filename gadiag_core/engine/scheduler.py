@@ -46,6 +46,8 @@ class SamplerStats:
     row_steps: int = 0
     # rows in a step -> [steps, seconds] (samplers with a `steps_at_rows`)
     steps_at_rows: dict = field(default_factory=dict)
+    prefix_tokens: int = 0  # prefix tokens read by prefill passes (samplers that count them)
+    join_seconds: float = 0.0  # a stream's joins: prefill of new prefixes, placing them (samplers that time them)
 
     def sample(self, sampler, lm, requests: list, temperature: float) -> list[list[int]]:
         """sampler.sample with the call counted and timed."""
@@ -63,7 +65,8 @@ class SamplerStats:
     @contextmanager
     def _counting(self, sampler):
         redraw = getattr(sampler, "redraw", None)
-        before = (getattr(redraw, "count", 0), getattr(sampler, "decode_steps", 0), getattr(sampler, "decoded_rows", 0), getattr(redraw, "seconds", 0.0))
+        before = (getattr(redraw, "count", 0), getattr(sampler, "decode_steps", 0), getattr(sampler, "decoded_rows", 0), getattr(redraw, "seconds", 0.0),
+                  getattr(sampler, "prefix_tokens_encoded", 0), getattr(sampler, "join_seconds", 0.0))
         at_rows = {rows: list(at) for rows, at in getattr(sampler, "steps_at_rows", {}).items()}
         start = time.perf_counter()
         try:
@@ -75,6 +78,8 @@ class SamplerStats:
             self.redraw_seconds += getattr(redraw, "seconds", 0.0) - before[3]
             self.steps += getattr(sampler, "decode_steps", 0) - before[1]
             self.row_steps += getattr(sampler, "decoded_rows", 0) - before[2]
+            self.prefix_tokens += getattr(sampler, "prefix_tokens_encoded", 0) - before[4]
+            self.join_seconds += getattr(sampler, "join_seconds", 0.0) - before[5]
             for rows, (steps, seconds) in getattr(sampler, "steps_at_rows", {}).items():
                 was = at_rows.get(rows, (0, 0.0))
                 if steps > was[0]:
@@ -99,6 +104,8 @@ class SamplerStats:
             "decode_steps_by_rows": [[rows, steps, round(seconds, 4)] for rows, (steps, seconds) in sorted(self.steps_at_rows.items())],
             "redrawn_draws": self.redraws,
             "redraw_seconds": round(self.redraw_seconds, 3),
+            "prefix_tokens_encoded": self.prefix_tokens,
+            "join_seconds": round(self.join_seconds, 3),
             "wall_seconds": round(wall_seconds, 3),
             "share_outside_sampler": round(1 - self.seconds / wall_seconds, 3) if wall_seconds > 0 else None,
         }

@@ -165,6 +165,7 @@ class PrefixSampler(RolloutSampler):
         # Counts every generated position, forced ones included (budget accounting).
         self.tokens_generated = 0
         self.prefix_tokens_encoded = 0
+        self.join_seconds = 0.0  # a stream's joins (prefill of new roots, placing them)
         # Decoding steps and the rows decoded over them (accounting), and per
         # batch size (rows in the step): [steps, seconds] (benchmarks/pipeline.py
         # compares the run's step mix with benchmarks/sampler.py's).

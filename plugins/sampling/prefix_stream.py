@@ -197,7 +197,9 @@ class PrefixStream(SamplerSession):
         with sampling_threads(self.sampler.threads, self.lm.model), torch.inference_mode():
             finished, self.ready = self.ready, []
             while not finished:
+                start = time.perf_counter()
                 self._join()
+                self.sampler.join_seconds += time.perf_counter() - start
                 if not self.rows:
                     break
                 rows, start = len(self.rows), time.perf_counter()
