@@ -576,12 +576,17 @@ def test_stream_returns_what_sample_returns_whatever_joins_when(tiny_lm, monkeyp
     distinct = [ContinuationRequest(tuple(prompt(tiny_lm, f"What is {i} plus {i}?")), 4 + i % 5, None, seed=i) for i in range(12)]
     requests = distinct + mixed_requests(tiny_lm, max_new=12)
     expected = PrefixSampler(batch_size=64).sample(tiny_lm, requests, 1.0)
-    seen = {"mixed steps": 0, "compactions": 0, "recalled": 0}
-    step, compact, recall = PrefixSampler._step, PrefixStream._compact_roots, PrefixStream._recall
+    seen = {"mixed steps": 0, "compactions": 0, "recalled": 0, "started": 0}
+    step, compact, recall, recall_start = PrefixSampler._step, PrefixStream._compact_roots, PrefixStream._recall, PrefixStream._recall_start
 
     def spy_recall(self, root):
         hit = recall(self, root)
         seen["recalled"] += hit is not None
+        return hit
+
+    def spy_recall_start(self, root):
+        hit = recall_start(self, root)
+        seen["started"] += hit is not None
         return hit
 
     def spy_step(self, arch, tokens, positions, s, *rest):
@@ -596,6 +601,7 @@ def test_stream_returns_what_sample_returns_whatever_joins_when(tiny_lm, monkeyp
     monkeypatch.setattr(PrefixSampler, "_step", spy_step)
     monkeypatch.setattr(PrefixStream, "_compact_roots", spy_compact)
     monkeypatch.setattr(PrefixStream, "_recall", spy_recall)
+    monkeypatch.setattr(PrefixStream, "_recall_start", spy_recall_start)
     sampler = PrefixSampler(batch_size=16, prefix_cache_mb=cache_mb)
     session = sampler.open(tiny_lm, 1.0)
     bursts = [distinct] + [requests[i : i + 3] for i in range(len(distinct), len(requests), 3)]
@@ -606,8 +612,44 @@ def test_stream_returns_what_sample_returns_whatever_joins_when(tiny_lm, monkeyp
         got.update(session.run())
     assert [got[t] for t in order] == expected
     assert seen["mixed steps"] > 0 and seen["compactions"] > 0
-    assert (seen["recalled"] > 0) == (cache_mb > 0)
+    assert (seen["recalled"] > 0) == (cache_mb > 0) == (seen["started"] > 0)
     assert sampler.decoded_rows > sampler.decode_steps > 0
+
+
+def test_root_read_after_a_remembered_start_is_the_root_encoded_whole(tiny_lm):
+    """A joining root that shares its first c tokens with a remembered
+    prefix reads only its tokens from c on (`_encode_after`, several roots in
+    one pass): its keys/values, hidden states and the logits at its needed
+    positions (before c, from the start's hidden states, and after) are
+    those of encoding it whole, up to float rounding."""
+    sampler = PrefixSampler()
+    arch = _Arch.of(tiny_lm.model)
+    arch.prepare(tiny_lm.model, sampler.pack_weights)
+    base = tuple(prompt(tiny_lm, "What is 12+7? Answer with a number."))
+    generated = tuple(tiny_lm.tokenizer.encode("12+7=19, so 19.", add_special_tokens=False))
+    start = base + generated[:6]
+    roots = {0: base + generated, 1: base + generated[:3] + (33, 34, 35), 2: start + (7,)}
+    need = {0: {len(base) - 2, len(roots[0]) - 1}, 1: {len(roots[1]) - 1}, 2: {len(start)}}
+    with torch.inference_mode():
+        whole = sampler._encode(tiny_lm, arch, roots, need)
+        (kv, _, hidden) = sampler._encode(tiny_lm, arch, {0: start}, {0: {len(start) - 1}})[0]
+        items = []
+        for r, root in roots.items():
+            c = next(i for i in range(len(root)) if i == len(start) or root[i] != start[i])
+            assert c >= len(base)
+            items.append((r, root, c, kv, hidden, sorted(need[r])))
+        after = sampler._encode_after(arch, items)
+    assert set(after) == set(roots)
+    for r in roots:
+        (kv_w, logits_w, hidden_w), (kv_a, logits_a, hidden_a) = whole[r], after[r]
+        assert hidden_a.shape == hidden_w.shape == (len(roots[r]), hidden_w.shape[-1])
+        torch.testing.assert_close(hidden_a, hidden_w, atol=1e-4, rtol=1e-4)
+        for (k_w, v_w), (k_a, v_a) in zip(kv_w, kv_a):
+            torch.testing.assert_close(k_a, k_w, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(v_a, v_w, atol=1e-4, rtol=1e-4)
+        assert set(logits_a) == set(logits_w) == need[r]
+        for p in need[r]:
+            torch.testing.assert_close(logits_a[p], logits_w[p], atol=1e-4, rtol=1e-4)
 
 
 def test_stream_greedy_is_generate(tiny_lm):

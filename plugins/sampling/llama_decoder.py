@@ -306,7 +306,7 @@ class _Arch:
             return kv, h.new_zeros((0, self.head.out_features), dtype=torch.float32)
         return kv, self.head_logits(self.norm(h[keep_rows, keep_cols]))
 
-    def prefill_rows(self, ids: torch.Tensor, lengths: list[int], pasts: list, keep_rows: torch.Tensor, keep_cols: torch.Tensor) -> torch.Tensor:
+    def prefill_rows(self, ids: torch.Tensor, lengths: list[int], pasts: list, keep_rows: torch.Tensor, keep_cols: torch.Tensor, hidden: bool = False):
         """Encode rows that each come after a start of their own.
 
         ids [R, L]: row i's lengths[i] tokens, right-padded to L. pasts[i]:
@@ -315,6 +315,10 @@ class _Arch:
         and attend to its own start and its own earlier tokens only (the rows
         of one batch never see each other). Returns the logits [N, V] float32
         at (keep_rows, keep_cols), columns counted from each row's first token.
+        hidden: return (per-layer keys and values [R, KV, L, d] of the rows'
+        own positions, those logits, final-norm hidden states [R, L, D])
+        instead, as `prefill` does (the prefix sampler's joins: a root that
+        extends a remembered prefix reads only its new tokens).
 
         Why: node_logits of one rollout under several prompts (the student's
         and its teachers' contexts) is one pass with R rows of ~T tokens
@@ -333,12 +337,15 @@ class _Arch:
         seen_start = torch.arange(C, device=device).unsqueeze(0) < torch.tensor(starts, device=device).unsqueeze(1)  # [R, C]
         causal = torch.arange(L, device=device).unsqueeze(0) <= torch.arange(L, device=device).unsqueeze(1)  # [L, L]
         mask = torch.cat((seen_start.unsqueeze(1).expand(R, L, C), causal.unsqueeze(0).expand(R, L, L)), dim=-1).unsqueeze(1)
+        kv = []
         for l, (norm1, qkv_linear, attn, o_linear, residual_mlp) in enumerate(self.blocks):
             qkv = qkv_linear(norm1(h)).view(R, L, H + 2 * KV, d)
             qk = self.qk_rotary(attn, qkv, cos, sin)
             q = qk[:, :, :H].transpose(1, 2)  # [R, H, L, d]
             k = qk[:, :, H:].transpose(1, 2)  # [R, KV, L, d]
             v = qkv[:, :, H + KV :].transpose(1, 2)
+            if hidden:
+                kv.append((k.contiguous(), v.contiguous()))
             if C:  # each row's start in front of its own keys, zero-padded to C
                 start_k = k.new_zeros((R, KV, C, d))
                 start_v = v.new_zeros((R, KV, C, d))
@@ -352,6 +359,10 @@ class _Arch:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
             h = o_linear.plus(out.transpose(1, 2).reshape(R, L, H * d), h)
             h = residual_mlp(h)
+        if hidden:
+            normed = self.norm(h)
+            logits = self.head_logits(normed[keep_rows, keep_cols]) if keep_rows.numel() else h.new_zeros((0, self.head.out_features), dtype=torch.float32)
+            return kv, logits, normed
         if keep_rows.numel() == 0:
             return h.new_zeros((0, self.head.out_features), dtype=torch.float32)
         return self.head_logits(self.norm(h[keep_rows, keep_cols]))

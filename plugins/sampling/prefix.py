@@ -21,13 +21,8 @@ from gadiag_plugins.sampling.batched import BatchedSampler
 from gadiag_plugins.sampling.canonical import DEFAULT_MARGIN, CanonicalRedraw
 from gadiag_plugins.sampling.draw import draw
 from gadiag_plugins.sampling.llama_decoder import _Arch
-from gadiag_plugins.sampling.prefix_stream import PrefixStream, _Layout
+from gadiag_plugins.sampling.prefix_stream import MIN_SHARED_START, PrefixStream, _Layout
 from gadiag_plugins.sampling.threads import sampling_threads
-
-
-# Roots of one prefill pass that start with at least this many equal tokens
-# have that start encoded once (below it the extra pass costs more than it saves).
-MIN_SHARED_START = 16
 
 
 def _common_start(sequences: list) -> int:
@@ -275,6 +270,45 @@ class PrefixSampler(RolloutSampler):
             out[r] = (kv, {p: logits[j + i] for i, p in enumerate(pos)}, states)
             j += len(pos)
             self.prefix_tokens_encoded += n
+        return out
+
+    def _encode_after(self, arch: _Arch, items: list[tuple]) -> dict[int, tuple]:
+        """Encode roots that start with part of a prefix encoded before: items
+        (root index, root, c, that prefix's per-layer (keys, values) [KV, ≥c, d]
+        and final-norm hidden states [≥c, D], positions whose logits are
+        needed). Only each root's tokens from c on are read (after its start's
+        keys/values, `prefill_rows`), several roots per pass. Returns what
+        `_encode` does: root -> (keys/values [KV, P, d], {position: logits},
+        hidden states [P, D])."""
+        out: dict[int, tuple] = {}
+        items = sorted(items, key=lambda item: len(item[1]) - item[2])
+        while items:
+            group = [items.pop(0)]
+            while items and (len(group) + 1) * (len(items[0][1]) - items[0][2]) <= self.prefill_tokens:
+                group.append(items.pop(0))
+            width = max(len(root) - c for _, root, c, _, _, _ in group)
+            ids = torch.full((len(group), width), int(group[0][1][0]), dtype=torch.long, device=arch.device)
+            pasts = []
+            for row, (_, root, c, kv, _, _) in enumerate(group):
+                ids[row, : len(root) - c] = torch.tensor(root[c:], dtype=torch.long)
+                pasts.append([(k[:, :c].unsqueeze(0), v[:, :c].unsqueeze(0)) for k, v in kv])
+            # needed positions before c come from the start's hidden states
+            rows = torch.tensor([row for row, item in enumerate(group) for p in item[5] if p >= item[2]], dtype=torch.long, device=arch.device)
+            cols = torch.tensor([p - item[2] for item in group for p in item[5] if p >= item[2]], dtype=torch.long, device=arch.device)
+            layers, logits, hidden = arch.prefill_rows(ids, [len(root) - c for _, root, c, _, _, _ in group], pasts, rows, cols, hidden=True)
+            j = 0
+            for row, (r, root, c, kv, start_hidden, positions) in enumerate(group):
+                n = len(root) - c
+                joined = [(torch.cat((pk[:, :c], k[row, :, :n]), dim=-2), torch.cat((pv[:, :c], v[row, :, :n]), dim=-2)) for (k, v), (pk, pv) in zip(layers, kv)]
+                states = torch.cat((start_hidden[:c], hidden[row, :n]))
+                at = {}
+                for p in positions:
+                    if p >= c:
+                        at[p], j = logits[j], j + 1
+                    else:
+                        at[p] = arch.head_logits(start_hidden[p : p + 1])[0]
+                out[r] = (joined, at, states)
+                self.prefix_tokens_encoded += n
         return out
 
     # -- decoding steps (driven by PrefixStream) ------------------------------

@@ -11,7 +11,10 @@ in the prefix stack until it is compacted, so joining copies only the new
 roots' keys and values. Encoded roots are remembered (`prefix_cache_mb`): a
 rollout's next round asks about nodes of the same sequence, and a root that
 starts a remembered one takes its keys/values and, from its hidden states,
-the logits it needs, without another prefill pass.
+the logits it needs, without another prefill pass. A root that shares only
+a start with a remembered one (a node further on in the rollout, another
+rollout of the same question: the prompt) takes that start's keys/values and
+reads only its tokens after it (`PrefixSampler._encode_after`).
 
 Rows do not depend on each other: a row's tokens are fixed by its request
 (its own noise stream; close draws redone batch-free, canonical.py), so a
@@ -31,6 +34,12 @@ from gadiag_core.interfaces import ContinuationRequest, SamplerSession
 from gadiag_plugins.sampling.draw import gumbel_noise
 from gadiag_plugins.sampling.threads import sampling_threads
 
+
+# Roots of one prefill pass that start with at least this many equal tokens
+# have that start encoded once (below it the extra pass costs more than it
+# saves); a joining root that shares at least this many with a remembered
+# prefix reads only its tokens after them.
+MIN_SHARED_START = 16
 
 # A step's layout is the cheaper of two, by a cost in padded rows (one row of
 # slot space = 1): slot space over the whole prefix stack (every place padded
@@ -227,9 +236,15 @@ class PrefixStream(SamplerSession):
         roots, root_of, need = self.sampler._roots([request for _, request in taken])
         # Roots that start a prefix encoded for earlier requests (a rollout's
         # next round asks about nodes of the same sequence) come from the
-        # cache; the others are encoded now and remembered.
+        # cache; roots that share only a start with one (a node further on,
+        # another rollout of the question) read their tokens after it; the
+        # others are encoded whole. Both kinds are remembered.
         found = {r: hit for r, hit in ((r, self._recall(root)) for r, root in enumerate(roots)) if hit is not None}
-        encoded = self.sampler._encode(self.lm, self.arch, {r: root for r, root in enumerate(roots) if r not in found}, need)
+        started = {r: hit for r, hit in ((r, self._recall_start(root)) for r, root in enumerate(roots) if r not in found) if hit is not None}
+        encoded = self.sampler._encode(self.lm, self.arch, {r: root for r, root in enumerate(roots) if r not in found and r not in started}, need)
+        if started:
+            items = [(r, roots[r], c, kv, hidden, sorted(need[r])) for r, (c, (kv, hidden)) in started.items()]
+            encoded.update(self.sampler._encode_after(self.arch, items))
         for r, (kv, _, hidden) in encoded.items():
             self._remember(roots[r], kv, hidden)
         for r, (kv, hidden) in found.items():
@@ -257,6 +272,26 @@ class PrefixStream(SamplerSession):
                 self.remembered.move_to_end(key)
                 return self.remembered[key]
         return None
+
+    def _recall_start(self, root: tuple) -> Optional[tuple]:
+        """(c, (keys/values, hidden states)) of the remembered prefix that
+        shares the longest start with `root`, c < len(root) tokens of it (at
+        least MIN_SHARED_START), or None."""
+        best, entry = 0, None
+        for key in self.remembered:
+            lo, hi = 0, min(len(key), len(root) - 1)  # the shared start's length, by halving (tuple slices compare in C)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if key[:mid] == root[:mid]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo > best:
+                best, entry = lo, key
+        if entry is None or best < MIN_SHARED_START:
+            return None
+        self.remembered.move_to_end(entry)
+        return best, self.remembered[entry]
 
     def _remember(self, root: tuple, kv: list, hidden: torch.Tensor) -> None:
         """Keep an encoded root for later joins (copies: the encoding pass's
