@@ -302,6 +302,38 @@ def test_threads_option_restores_setting(tiny_lm):
     assert _auto_threads(tiny_lm.model) == 1  # tiny matmuls: one thread
 
 
+def test_auto_threads_takes_one_thread_only_when_several_run_slower(monkeypatch):
+    """A model past SMALL_MODEL_PARAMETERS gets torch's threads unless the
+    probe finds several threads SLOWER_ON_MANY times slower than one (other
+    processes on the cores). A probe where two threads gain little (the
+    rule before took one thread there, and on an idle machine the probe often
+    looks so) keeps them; the answer is kept for 30 s."""
+    from types import SimpleNamespace
+
+    import gadiag_plugins.sampling.threads as threads
+
+    class Big(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(threads.SMALL_MODEL_PARAMETERS + 1))
+            self.config = SimpleNamespace(hidden_size=64)
+
+    assert not threads.prefer_one(1.0, 0.9) and not threads.prefer_one(1.0, 1.2)
+    assert threads.prefer_one(1.0, threads.SLOWER_ON_MANY * 1.01)
+    model, probes = Big(), []
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for one, many, expected in ((1.0, 1.2, None), (1.0, 6.0, 1)):
+            monkeypatch.setattr(threads, "thread_probe", lambda width, n, t=(one, many): probes.append((width, n)) or t)
+            monkeypatch.setattr(threads, "_THREAD_CHOICE", {})
+            assert threads._auto_threads(model) == expected
+            assert threads._auto_threads(model) == expected  # kept: no second probe
+        assert probes == [(64, 2), (64, 2)]
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_unsupported_model_falls_back_to_batched(tiny_lm, monkeypatch):
     import gadiag_plugins.sampling.prefix as samplers
 

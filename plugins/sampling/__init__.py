@@ -7,7 +7,7 @@
     draw.py           Gumbel-max token drawing with per-request noise streams (both)
     canonical.py      close draws redone batch-free: tokens independent of batching
     llama_decoder.py  the hand-written Llama/Qwen decoder the prefix sampler drives
-    threads.py        whether extra torch threads pay
+    threads.py        whether extra torch threads run slower than one (a busy machine)
 
 Loaded at the start of every command; the samplers (and torch, and vllm) are
 imported only when one is built.
