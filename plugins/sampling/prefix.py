@@ -25,6 +25,15 @@ from gadiag_plugins.sampling.prefix_stream import MIN_SHARED_START, PrefixStream
 from gadiag_plugins.sampling.threads import sampling_threads
 
 
+def _after_start(start_kv: list, start_hidden: torch.Tensor, layers: list, hidden: torch.Tensor, row: int, n: int) -> tuple[list, torch.Tensor]:
+    """A root encoded after a start: per-layer keys/values [KV, c + n, d] and
+    hidden states [c + n, D], the start's c positions (start_kv [KV, c, d] a
+    layer, start_hidden [c, D]) then row `row`'s first n of a pass's (layers
+    [R, KV, L, d], hidden [R, L, D])."""
+    kv = [(torch.cat((sk, k[row, :, :n]), dim=-2), torch.cat((sv, v[row, :, :n]), dim=-2)) for (sk, sv), (k, v) in zip(start_kv, layers)]
+    return kv, torch.cat((start_hidden, hidden[row, :n]))
+
+
 def _common_start(sequences: list) -> int:
     """Length of the longest start all the sequences share."""
     first = sequences[0]
@@ -226,16 +235,21 @@ class PrefixSampler(RolloutSampler):
         final-norm hidden states [P, D]) with logits only at the positions in
         need[root] (the hidden states give any other position's logits)."""
         out: dict[int, tuple] = {}
-        order = sorted(roots, key=lambda r: len(roots[r]))
-        group: list[int] = []
-        for r in order + [None]:
-            if r is not None and (not group or (len(group) + 1) * len(roots[r]) <= self.prefill_tokens):
-                group.append(r)
-                continue
-            if group:
-                out.update(self._encode_group(lm, arch, [(g, roots[g], sorted(need[g])) for g in group]))
-            group = [r] if r is not None else []
+        for group in self._passes(list(roots), lambda r: len(roots[r])):
+            out.update(self._encode_group(lm, arch, [(g, roots[g], sorted(need[g])) for g in group]))
         return out
+
+    def _passes(self, items: list, length) -> list[list]:
+        """`items` in prefill passes: shortest first, each pass as many as
+        keep its padded tokens (rows x the longest `length`) within
+        `prefill_tokens` (at least one)."""
+        passes: list[list] = []
+        for item in sorted(items, key=length):
+            if passes and (len(passes[-1]) + 1) * length(item) <= self.prefill_tokens:
+                passes[-1].append(item)
+            else:
+                passes.append([item])
+        return passes
 
     def _encode_group(self, lm: CausalLM, arch: _Arch, items: list[tuple]) -> dict[int, tuple]:
         # The roots' common start (a chat template, a system prompt, one
@@ -263,10 +277,9 @@ class PrefixSampler(RolloutSampler):
         for row, (r, root, pos) in enumerate(items):
             n = len(root) - common
             if past is None:
-                kv = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
+                kv, states = [(k[row, :, :n], v[row, :, :n]) for k, v in layers], hidden[row, :n]
             else:
-                kv = [(torch.cat((pk[0], k[row, :, :n]), dim=-2), torch.cat((pv[0], v[row, :, :n]), dim=-2)) for (k, v), (pk, pv) in zip(layers, past)]
-            states = hidden[row, :n] if past is None else torch.cat((shared_hidden[0], hidden[row, :n]))
+                kv, states = _after_start([(pk[0], pv[0]) for pk, pv in past], shared_hidden[0], layers, hidden, row, n)
             out[r] = (kv, {p: logits[j + i] for i, p in enumerate(pos)}, states)
             j += len(pos)
             self.prefix_tokens_encoded += n
@@ -281,11 +294,7 @@ class PrefixSampler(RolloutSampler):
         `_encode` does: root -> (keys/values [KV, P, d], {position: logits},
         hidden states [P, D])."""
         out: dict[int, tuple] = {}
-        items = sorted(items, key=lambda item: len(item[1]) - item[2])
-        while items:
-            group = [items.pop(0)]
-            while items and (len(group) + 1) * (len(items[0][1]) - items[0][2]) <= self.prefill_tokens:
-                group.append(items.pop(0))
+        for group in self._passes(items, lambda item: len(item[1]) - item[2]):
             width = max(len(root) - c for _, root, c, _, _, _ in group)
             ids = torch.full((len(group), width), int(group[0][1][0]), dtype=torch.long, device=arch.device)
             pasts = []
@@ -299,8 +308,7 @@ class PrefixSampler(RolloutSampler):
             j = 0
             for row, (r, root, c, kv, start_hidden, positions) in enumerate(group):
                 n = len(root) - c
-                joined = [(torch.cat((pk[:, :c], k[row, :, :n]), dim=-2), torch.cat((pv[:, :c], v[row, :, :n]), dim=-2)) for (k, v), (pk, pv) in zip(layers, kv)]
-                states = torch.cat((start_hidden[:c], hidden[row, :n]))
+                joined, states = _after_start([(k[:, :c], v[:, :c]) for k, v in kv], start_hidden[:c], layers, hidden, row, n)
                 at = {}
                 for p in positions:
                     if p >= c:

@@ -239,9 +239,10 @@ class PrefixStream(SamplerSession):
         # cache; roots that share only a start with one (a node further on,
         # another rollout of the question) read their tokens after it; the
         # others are encoded whole. Both kinds are remembered.
-        found = {r: hit for r, hit in ((r, self._recall(root)) for r, root in enumerate(roots)) if hit is not None}
-        started = {r: hit for r, hit in ((r, self._recall_start(root)) for r, root in enumerate(roots) if r not in found) if hit is not None}
-        encoded = self.sampler._encode(self.lm, self.arch, {r: root for r, root in enumerate(roots) if r not in found and r not in started}, need)
+        hits = {r: hit for r, hit in ((r, self._recall(root)) for r, root in enumerate(roots)) if hit is not None}
+        found = {r: entry for r, (c, entry) in hits.items() if c == len(roots[r])}
+        started = {r: hit for r, hit in hits.items() if r not in found}
+        encoded = self.sampler._encode(self.lm, self.arch, {r: root for r, root in enumerate(roots) if r not in hits}, need)
         if started:
             items = [(r, roots[r], c, kv, hidden, sorted(need[r])) for r, (c, (kv, hidden)) in started.items()]
             encoded.update(self.sampler._encode_after(self.arch, items))
@@ -264,22 +265,13 @@ class PrefixStream(SamplerSession):
         self.logits = fresh if self.logits is None or not len(self.logits) else torch.cat((self.logits, fresh))
 
     def _recall(self, root: tuple) -> Optional[tuple]:
-        """(keys/values per layer [KV, n, d], hidden states [n, D]) of a
-        remembered prefix that starts with `root` (n ≥ len(root)), or None."""
-        n = len(root)
-        for key in reversed(self.remembered):
-            if len(key) >= n and key[:n] == root:
-                self.remembered.move_to_end(key)
-                return self.remembered[key]
-        return None
-
-    def _recall_start(self, root: tuple) -> Optional[tuple]:
-        """(c, (keys/values, hidden states)) of the remembered prefix that
-        shares the longest start with `root`, c < len(root) tokens of it (at
-        least MIN_SHARED_START), or None."""
+        """(c, (keys/values per layer [KV, n, d], hidden states [n, D])) of the
+        remembered prefix that shares the longest start with `root`, c tokens
+        of it: c = len(root) when the prefix starts with `root` (the most
+        recent such), else at least MIN_SHARED_START; None otherwise."""
         best, entry = 0, None
-        for key in self.remembered:
-            lo, hi = 0, min(len(key), len(root) - 1)  # the shared start's length, by halving (tuple slices compare in C)
+        for key in reversed(self.remembered):
+            lo, hi = 0, min(len(key), len(root))  # the shared start's length, by halving (tuple slices compare in C)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if key[:mid] == root[:mid]:
@@ -288,7 +280,9 @@ class PrefixStream(SamplerSession):
                     hi = mid - 1
             if lo > best:
                 best, entry = lo, key
-        if entry is None or best < MIN_SHARED_START:
+            if best == len(root):
+                break
+        if entry is None or best < min(MIN_SHARED_START, len(root)):
             return None
         self.remembered.move_to_end(entry)
         return best, self.remembered[entry]
